@@ -1,0 +1,67 @@
+"""`lastmile <stage> --config X [key.sub=value ...]`, also `python -m trainer` and
+`deepspeed trainer/main.py`. User errors print one paragraph and exit non-zero, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+STAGES = ("sft", "evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lastmile", description="Last-mile fine-tuning: SFT, evaluation (and RL stages).")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("sft", "supervised fine-tuning (MLE baseline)"),
+        ("evaluate", "generate and score summaries (ROUGE, la-ROUGE, semantic similarity, bootstrap)"),
+        ("validate", "check a config and print it resolved"),
+    ):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("--config", required=False, help="YAML preset, e.g. trainer/configs/tiny.yaml")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x")
+        s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s] [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from trainer import preemption
+    from trainer.config import load_config, to_yaml
+    from trainer.errors import UserError
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "validate":
+            print(to_yaml(cfg), end="")
+            print(f"OK: {args.config or 'defaults'} is valid.", file=sys.stderr)
+            return 0
+        if args.command == "sft":
+            from trainer.stages import sft
+
+            sft.run(cfg)
+        elif args.command == "evaluate":
+            from trainer.stages import evaluate
+
+            evaluate.run(cfg)
+        return 0
+    except UserError as e:
+        print(f"lastmile {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except preemption.Preempted as e:
+        print(f"lastmile {args.command}: interrupted: {e}", file=sys.stderr, flush=True)
+        return preemption.EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print(f"lastmile {args.command}: interrupted by Ctrl-C; rerun the same command to resume.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

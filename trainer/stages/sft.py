@@ -1,0 +1,265 @@
+"""SFT stage: maximum-likelihood fine-tuning on (document, summary) pairs, loss on summary tokens.
+
+    lastmile sft --config trainer/configs/tiny.yaml output_dir=runs/tiny
+    deepspeed --num_gpus 2 trainer/main.py sft --config trainer/configs/tiny.yaml deepspeed.config=zero3
+
+Writes to <output_dir>/sft/: model/ (Hugging Face format), checkpoints/step-N/ (resumable),
+config.yaml, metrics.json, loss_curve.png, run.json (the MLflow run id for later stages).
+A rerun with the same output_dir resumes from the newest complete checkpoint, in the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import checkpoint, distributed, preemption, tracking
+from trainer.algorithms.losses import sft_loss
+from trainer.config import BatchPlan, Config, plan_batches, to_yaml
+from trainer.data.collate import SFTBatch, collate_sft
+from trainer.data.prompts import PromptBuilder, TokenizedExample
+from trainer.data.records import load_split
+from trainer.distributed import DistInfo
+from trainer.errors import ConfigError, UserError
+from trainer.generation import generate
+from trainer.models import TokenLogprobModel, count_parameters, load_causal_lm, load_tokenizer
+from trainer.plots import plot_curves
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTState:
+    """Everything besides the engine needed to resume; saved as trainer_state.json."""
+
+    step: int = 0
+    run_id: str | None = None
+    loss_history: list[tuple[int, float]] | None = None
+    val_history: list[tuple[int, float]] | None = None
+
+    def __post_init__(self):
+        self.loss_history = [tuple(x) for x in (self.loss_history or [])]
+        self.val_history = [tuple(x) for x in (self.val_history or [])]
+
+
+def run(cfg: Config) -> Path:
+    dist = distributed.setup()
+    preemption.install()
+    stage_dir = Path(cfg.output_dir) / "sft"
+    ckpt_root = stage_dir / "checkpoints"
+    tokenizer = load_tokenizer(cfg.model)
+    train, val = _load_data(cfg, tokenizer, dist)
+    plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
+    total_steps = _total_steps(cfg, len(train), plan)
+
+    lm, attn = load_causal_lm(cfg.model, dist.device)
+    if dist.is_main:
+        log.info("attention: %s (%s); logprob impl: %s; %d parameters", attn.implementation, attn.reason,
+                 cfg.sft.logprob_impl, count_parameters(lm))
+    ds = distributed.fill_ds_config(distributed.load_ds_config(cfg.deepspeed.config), plan,
+                                    max_grad_norm=cfg.sft.max_grad_norm, hidden_size=lm.config.hidden_size)
+    engine = distributed.build_engine(
+        TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), ds, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
+        total_steps=total_steps, warmup_steps=cfg.sft.warmup_steps, schedule=cfg.sft.lr_schedule,
+    )
+    state = SFTState()
+    if dist.is_main:
+        checkpoint.remove_partials(ckpt_root)
+    distributed.barrier()
+    if (latest := checkpoint.latest_checkpoint(ckpt_root)) is not None:
+        state = SFTState(**checkpoint.load_checkpoint(engine, latest))
+        if dist.is_main:
+            log.info("resuming from %s (step %d)", latest, state.step)
+
+    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id)
+    state.run_id = tracker.run_id if dist.is_main else None
+    if dist.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "config.yaml").write_text(to_yaml(cfg))
+        print(f"Resolved config:\n{to_yaml(cfg)}", flush=True)
+        tracker.log_artifact(stage_dir / "config.yaml")
+        tracker.set_tags({"lastmile.attention": attn.implementation})
+        tracker.log_metrics({"data/train_examples": len(train), "data/total_steps": total_steps,
+                             "data/grad_accum": plan.grad_accum, "data/world_size": dist.world_size})
+    status = "FAILED"
+    try:
+        _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state, tracker, dist, ckpt_root)
+        _finish(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist, stage_dir, ckpt_root)
+        status = "FINISHED"
+    except preemption.Preempted:
+        status = tracking.INTERRUPTED
+        tracker.set_tags({"lastmile.status": "interrupted"})
+        raise
+    finally:
+        tracker.end(status)
+    return stage_dir / "model"
+
+
+def _load_data(cfg: Config, tokenizer, dist: DistInfo) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
+    val_ex = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples)
+    train, report = builder.tokenize(train_ex)
+    val, _ = builder.tokenize(val_ex[: max(cfg.sft.eval_examples, cfg.sft.num_samples)])
+    if dist.is_main:
+        log.info("train data: %s", report.describe())
+    return train, val
+
+
+def _total_steps(cfg: Config, n_train: int, plan: BatchPlan) -> int:
+    steps_per_epoch = n_train // plan.global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"sft.batch_size ({plan.global_batch}) is larger than the training set ({n_train} examples). "
+            "An optimizer step needs a full batch. Lower sft.batch_size or add data."
+        )
+    total = steps_per_epoch * cfg.sft.epochs
+    return min(total, cfg.sft.max_steps) if cfg.sft.max_steps else total
+
+
+def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan, rank: int, seed: int,
+                       pad_id: int) -> list[SFTBatch]:
+    """This rank's micro-batches for a global step; the order depends only on (seed, step)."""
+    steps_per_epoch = len(train) // plan.global_batch
+    epoch, within = divmod(step, steps_per_epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    step_idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
+    per_rank = plan.micro_batch * plan.grad_accum
+    mine = step_idx[rank * per_rank : (rank + 1) * per_rank]
+    return [
+        collate_sft([train[i] for i in mine[j : j + plan.micro_batch]], pad_id)
+        for j in range(0, per_rank, plan.micro_batch)
+    ]
+
+
+def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision: str, device: torch.device) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; token-mean NLL over the global batch."""
+    global_tokens = int(distributed.all_reduce_sum(sum(mb.num_target_tokens for mb in micro_batches)))
+    nll_sum = 0.0
+    for mb in micro_batches:
+        mb = mb.to(device)
+        with distributed.autocast(precision, device):
+            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask)
+        loss, stats = sft_loss(logprobs, mb.target_mask[:, 1:], global_tokens=global_tokens,
+                               grad_accum=plan.grad_accum, world_size=plan.world_size)
+        if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
+            raise UserError(
+                f"sft loss became {float(loss)} (not finite) before the update. The weights were not changed. "
+                "Lower sft.lr, set precision=fp32, or check the data for empty summaries."
+            )
+        engine.backward(loss)
+        engine.step()
+        nll_sum += stats["nll_sum"]
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "sft/loss": distributed.all_reduce_sum(nll_sum) / max(global_tokens, 1),
+        "sft/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "sft/lr": engine.get_lr()[0],
+        "sft/target_tokens": global_tokens,
+    }
+
+
+def _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state: SFTState, tracker, dist,
+                ckpt_root: Path) -> None:
+    s = cfg.sft
+    bar = tqdm(total=total_steps, initial=state.step, desc="sft", unit="step", disable=not dist.is_main)
+    engine.train()
+    while state.step < total_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed + state.step)  # dropout etc. depend on the step only: resume is exact
+        mbs = step_micro_batches(train, state.step, plan, dist.rank, cfg.seed, tokenizer.pad_token_id)
+        metrics = train_step(engine, mbs, plan, cfg.precision, dist.device)
+        state.step += 1
+        elapsed = time.perf_counter() - t0
+        tokens = distributed.all_reduce_sum(sum(int(mb.attention_mask.sum()) for mb in mbs))
+        metrics.update({"perf/tokens_per_s": tokens / elapsed, "time/step_s": elapsed})
+        state.loss_history.append((state.step, metrics["sft/loss"]))
+        if dist.is_main and state.step % s.log_every == 0:
+            tracker.log_metrics(metrics, step=state.step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['sft/loss']:.4f}")
+        last = state.step == total_steps
+        if s.eval_every and state.step % s.eval_every == 0 and not last:
+            _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
+        stop = preemption.requested()
+        if (s.save_every and state.step % s.save_every == 0) or stop:
+            checkpoint.save_checkpoint(engine, ds, lm, tokenizer, _state_dict(state), ckpt_root, state.step,
+                                       keep=s.keep_checkpoints)
+        if stop:
+            bar.close()
+            raise preemption.Preempted(f"stopped at step {state.step}; the next run resumes from the checkpoint")
+    bar.close()
+
+
+def _state_dict(state: SFTState) -> dict:
+    return {"step": state.step, "run_id": state.run_id, "loss_history": state.loss_history, "val_history": state.val_history}
+
+
+@torch.no_grad()
+def validation_loss(engine, val: list[TokenizedExample], micro_batch: int, precision: str, dist: DistInfo, pad_id: int) -> float:
+    """Token-mean NLL over `val`. Every rank runs the same number of forwards (ZeRO-3 needs it)."""
+    shard = val[dist.rank :: dist.world_size]
+    n_batches = -(-len(val[0 :: dist.world_size]) // micro_batch)
+    nll, tokens = 0.0, 0
+    engine.eval()
+    for b in range(n_batches):
+        chunk = shard[b * micro_batch : (b + 1) * micro_batch]
+        counts = bool(chunk)
+        mb = collate_sft(chunk or val[:1], pad_id).to(dist.device)  # a dummy forward keeps ranks in step
+        with distributed.autocast(precision, dist.device):
+            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask)
+        if counts:
+            nll -= float(logprobs.sum())
+            tokens += mb.num_target_tokens
+    engine.train()
+    return distributed.all_reduce_sum(nll) / max(distributed.all_reduce_sum(tokens), 1)
+
+
+def _validate(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist) -> None:
+    if not val or not cfg.sft.eval_examples:
+        return
+    loss = validation_loss(engine, val[: cfg.sft.eval_examples], cfg.sft.micro_batch_size, cfg.precision, dist,
+                           tokenizer.pad_token_id)
+    state.val_history.append((state.step, loss))
+    samples = _sample_generations(cfg, lm, tokenizer, val, ds, dist)
+    if dist.is_main:
+        tracker.log_metrics({"sft/val_loss": loss}, step=state.step)
+        if samples:
+            tracker.log_text(samples, f"samples/step-{state.step:07d}.md")
+        log.info("step %d: val_loss %.4f", state.step, loss)
+
+
+def _sample_generations(cfg, lm, tokenizer, val, ds, dist) -> str:
+    n = min(cfg.sft.num_samples, len(val))
+    if n == 0:
+        return ""
+    multi = dist.world_size > 1 and distributed.zero_stage(ds) == 3
+    texts = generate(lm, tokenizer, val[:n], cfg.eval.generation, dist.device, synced_gpus=multi,
+                     autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=False)
+    return "\n\n".join(f"### {ex.id}\n{t}" for ex, t in zip(val[:n], texts))
+
+
+def _finish(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist, stage_dir: Path, ckpt_root: Path) -> None:
+    _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
+    final = ckpt_root / f"step-{state.step:07d}"
+    if not final.is_dir():
+        final = checkpoint.save_checkpoint(engine, ds, lm, tokenizer, _state_dict(state), ckpt_root, state.step,
+                                           keep=cfg.sft.keep_checkpoints)
+    if not dist.is_main:
+        return
+    checkpoint.publish_model(final / "model", stage_dir / "model")
+    summary = {"step": state.step, "final_loss": state.loss_history[-1][1] if state.loss_history else None,
+               "final_val_loss": state.val_history[-1][1] if state.val_history else None,
+               "loss_history": state.loss_history, "val_history": state.val_history}
+    checkpoint.write_json_atomic(stage_dir / "metrics.json", summary)
+    checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": state.run_id, "stage": "sft"})
+    plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": state.loss_history, "val loss": state.val_history},
+                       title="SFT", ylabel="NLL per target token")
+    for path in (stage_dir / "metrics.json", plot):
+        tracker.log_artifact(path)
+    print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)

@@ -1,0 +1,136 @@
+"""Experiment tracking: MLflow on rank 0, a null tracker elsewhere or when disabled.
+
+Default store: `sqlite:///<output_dir>/mlflow.db` (no server). Any tracking URI works, e.g. a
+shared `mlflow server`. One run per stage, tagged with the pipeline id, stage, git sha and the
+upstream stage's run; a resumed stage re-opens its own run (the id is kept in trainer state).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+from trainer.config import PROJECT_ROOT, Config, flatten, to_dict
+
+log = logging.getLogger(__name__)
+
+# MLflow run status for a run stopped on purpose (preemption, Ctrl-C) that will resume later.
+INTERRUPTED = "KILLED"
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def end(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    run_id = None
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def log_text(self, text, name):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def end(self, status="FINISHED"):
+        pass
+
+
+class MlflowTracker:
+    def __init__(self, uri: str, experiment: str, run_name: str, *, tags: dict[str, str], params: dict[str, Any],
+                 resume_run_id: str | None):
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        if resume_run_id:
+            self._run = mlflow.start_run(run_id=resume_run_id)
+            mlflow.set_tag("lastmile.resumed", "true")
+        else:
+            self._run = mlflow.start_run(run_name=run_name, tags=tags)
+            for chunk in _chunks(params, 100):
+                mlflow.log_params(chunk)
+        self.run_id = self._run.info.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._mlflow.log_text(text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._mlflow.set_tags(tags)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self._mlflow.end_run(status=status)
+
+
+def _chunks(d: dict[str, Any], n: int):
+    items = [(k, "null" if v is None else str(v)[:6000]) for k, v in d.items()]
+    for i in range(0, len(items), n):
+        yield dict(items[i : i + n])
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def pipeline_id(cfg: Config) -> str:
+    """From config, else the id stored in output_dir by the first stage, else a new one."""
+    if cfg.tracking.pipeline_id:
+        return cfg.tracking.pipeline_id
+    path = Path(cfg.output_dir) / "pipeline_id"
+    if path.is_file():
+        return path.read_text().strip()
+    new = uuid.uuid4().hex[:12]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new)
+    return new
+
+
+def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None = None,
+          upstream_run_id: str | None = None) -> Tracker:
+    if not (is_main and cfg.tracking.enabled):
+        return NullTracker()
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # users who point at ./mlruns
+    tags = {
+        "lastmile.pipeline_id": pipeline_id(cfg),
+        "lastmile.stage": stage,
+        "lastmile.git_sha": git_sha(),
+        "lastmile.output_dir": str(Path(cfg.output_dir).resolve()),
+    }
+    if upstream_run_id:
+        tags["lastmile.upstream_run_id"] = upstream_run_id
+    tracker = MlflowTracker(
+        tracking_uri(cfg), cfg.tracking.experiment, f"{stage}-{tags['lastmile.pipeline_id']}",
+        tags=tags, params=flatten(to_dict(cfg)), resume_run_id=resume_run_id,
+    )
+    log.info("MLflow run %s (%s) at %s", tracker.run_id, stage, tracking_uri(cfg))
+    return tracker
