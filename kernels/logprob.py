@@ -34,7 +34,8 @@ def reference_token_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, *, with_entropy: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """hidden (N, H), weight (V, H), targets (N,) -> logprobs (N,), entropy (N,) or None. fp32 math."""
-    logits = (hidden.float() @ weight.float().T) / temperature  # (N, V)
+    with torch.autocast(device_type=hidden.device.type, enabled=False):
+        logits = (hidden.float() @ weight.float().T) / temperature  # (N, V)
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
@@ -44,6 +45,11 @@ def reference_token_logprobs(
 class _ChunkedLogprob(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # fp32 logits, always
+            return _ChunkedLogprob._forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy)
+
+    @staticmethod
+    def _forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
         h = hidden.float()
         N, V = h.shape[0], weight.shape[0]
         m = torch.full((N,), float("-inf"), device=h.device)  # running max
@@ -74,6 +80,11 @@ class _ChunkedLogprob(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
+        with torch.autocast(device_type=ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedLogprob._backward(ctx, grad_logp, grad_entropy)
+
+    @staticmethod
+    def _backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, expected_z = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         h = hidden.float()

@@ -22,14 +22,26 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=False, help="YAML preset, e.g. trainer/configs/tiny.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x")
-        s.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
+def _pop_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts --local_rank=N before the subcommand; take it out."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank", "--local-rank")):
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in a else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.local_rank is not None:  # the deepspeed launcher passes --local_rank
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    args = _parser().parse_args(_pop_local_rank(list(sys.argv[1:] if argv is None else argv)))
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")

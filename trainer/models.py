@@ -153,7 +153,8 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
             f"model.path ({path or cfg.path}) could not be loaded: {e}. Offline, use a local folder, a .gguf file "
             f"or {OFFLINE_DEFAULT_MODEL}."
         ) from None
-    for key, value in cfg.config_overrides.items():
+    overrides = cfg.config_overrides if path is None else {}  # a saved model already has its shape
+    for key, value in overrides.items():
         if not hasattr(hf_config, key):
             raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}.")
         setattr(hf_config, key, value)
