@@ -190,8 +190,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             parsed = value
         _set_dotted(raw, key.strip().split("."), parsed)
     cfg = _build(Config, raw, "", problems)
-    if not problems:
-        problems.extend(validate(cfg))
+    problems.extend(validate(cfg))  # fields with type errors hold their defaults here
     if problems:
         raise ConfigError("Invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
     return cfg
@@ -257,6 +256,11 @@ def _check_type(typ: Any, value: Any) -> tuple[bool, Any, str]:
     if typ is int:
         return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
     if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return True, float(value), ""
+            except ValueError:
+                return False, value, "a number"
         fits = isinstance(value, (int, float)) and not isinstance(value, bool)
         return fits, float(value) if fits else value, "a number"
     if typ is str:

@@ -45,11 +45,12 @@ def run(cfg: Config) -> dict:
     dist = distributed.setup()
     stage_dir = Path(cfg.output_dir) / "eval"
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
+    primary_model = None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg))
     upstream = _upstream_run_id(Path(cfg.output_dir))
     tracker = tracking.start(cfg, stage="evaluate", is_main=dist.is_main, upstream_run_id=upstream)
     status = "FAILED"
     try:
-        systems = _collect_systems(cfg, examples, dist)
+        systems = _collect_systems(cfg, primary_model, examples, dist)
         if not dist.is_main:
             status = "FINISHED"
             return {}
@@ -66,8 +67,8 @@ def _upstream_run_id(output_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("run_id") if path.is_file() else None
 
 
-def _collect_systems(cfg: Config, examples: list[Example], dist: DistInfo) -> list[System]:
-    primary = _system("model", cfg.eval.predictions, cfg.eval.model or _default_model(cfg), cfg, examples, dist)
+def _collect_systems(cfg: Config, primary_model: str | None, examples: list[Example], dist: DistInfo) -> list[System]:
+    primary = _system("model", cfg.eval.predictions, primary_model, cfg, examples, dist)
     systems = [primary, _postprocessed(primary)]
     if cfg.eval.baseline_model or cfg.eval.baseline_predictions:
         base = _system("baseline", cfg.eval.baseline_predictions, cfg.eval.baseline_model, cfg, examples, dist)

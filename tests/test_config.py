@@ -1,0 +1,70 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Config, load_config, plan_batches
+from trainer.distributed import fill_ds_config
+from trainer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "trainer" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_preset_validates(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("ds_json", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_ds_config_fills(ds_json):
+    raw = json.loads(ds_json.read_text())
+    ds = fill_ds_config(raw, plan_batches(8, 2, 2), max_grad_norm=1.0, hidden_size=64)
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 1.0
+    assert "auto" not in json.dumps(ds)
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(ROOT / "trainer/configs/tiny.yaml", ["sft.lr=1e-4", "sft.max_steps=3", "eval.model=null",
+                                                          "output_dir=" + str(tmp_path)])
+    assert cfg.sft.lr == 1e-4 and cfg.sft.max_steps == 3 and cfg.output_dir == str(tmp_path)
+
+
+def test_every_problem_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sft.lrr=1", "sft.batch_size=abc", "precision=fp16", "sft.epochs=0"])
+    msg = str(e.value)
+    assert "sft.lrr is not a known setting. Did you mean 'sft.lr'?" in msg
+    assert "sft.batch_size ('abc') must be an integer" in msg
+    assert "precision ('fp16') must be one of 'auto', 'bf16', 'fp32'" in msg
+
+
+def test_value_problems_collected():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sft.epochs=0", "sft.batch_size=7", "sft.micro_batch_size=2", "eval.generation.top_p=2"])
+    msg = str(e.value)
+    assert "sft.epochs (0) must be greater than 0" in msg
+    assert "sft.batch_size (7) is not a multiple of sft.micro_batch_size (2)" in msg
+    assert "eval.generation.top_p (2.0) must be in (0, 1]" in msg
+
+
+def test_bad_override_syntax_and_missing_files(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["no_equals_sign", "deepspeed.config=nope.json", f"data.source={tmp_path}/missing"])
+    msg = str(e.value)
+    assert "override (no_equals_sign) is not of the form key.sub=value" in msg
+    assert "deepspeed.config (nope.json) does not exist" in msg and "zero3" in msg
+    assert "data.source" in msg
+
+
+def test_batch_plan_exact_division():
+    plan = plan_batches(16, 2, 2)
+    assert (plan.grad_accum, plan.world_size) == (4, 2)
+    with pytest.raises(ConfigError, match=r"sft.batch_size \(12\) is not divisible .* = 8"):
+        plan_batches(12, 4, 2)
+
+
+def test_ds_config_contradiction_is_refused():
+    with pytest.raises(ConfigError, match="train_batch_size \\(32\\)"):
+        fill_ds_config({"train_batch_size": 32}, plan_batches(8, 2, 1), max_grad_norm=1.0, hidden_size=8)

@@ -1,0 +1,99 @@
+import json
+
+import pytest
+
+from trainer.config import DataConfig, PromptConfig
+from trainer.data.collate import collate_prompts, collate_sft
+from trainer.data.prompts import PromptBuilder
+from trainer.data.records import detokenize, load_split
+from trainer.errors import DataError
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_local_jsonl_with_references(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [
+        {"id": "a", "document": "Doc A.", "summary": "Sum A.", "references": ["Sum A.", "Other A."]},
+        {"id": "b", "document": "Doc B.", "summary": "Sum B."},
+    ])
+    ex = load_split(DataConfig(source=str(tmp_path)), "train")
+    assert [e.id for e in ex] == ["a", "b"]
+    assert ex[0].references == ("Sum A.", "Other A.") and ex[1].references == ("Sum B.",)
+
+
+def test_csv_and_parquet_and_field_mapping(tmp_path):
+    import pandas as pd
+
+    df = pd.DataFrame({"key": ["x", "y"], "article": ["Doc X.", "Doc Y."], "tldr": ["S X.", "S Y."]})
+    df.to_csv(tmp_path / "train.csv", index=False)
+    df.to_parquet(tmp_path / "validation.parquet")
+    cfg = DataConfig(source=str(tmp_path), id_field="key", document_field="article", summary_field="tldr",
+                     references_field=None)
+    assert [e.summary for e in load_split(cfg, "train")] == ["S X.", "S Y."]
+    assert [e.id for e in load_split(cfg, "validation")] == ["x", "y"]
+
+
+def test_malformed_jsonl_reports_line_numbers(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}, "{not json", "[1, 2]"])
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(source=str(tmp_path)), "train")
+    assert "line 2: not valid JSON" in str(e.value) and "line 3: a JSON list" in str(e.value)
+
+
+def test_empty_and_missing_fields_reported_by_row(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [
+        {"document": "ok", "summary": "ok"}, {"document": "", "summary": "s"}, {"document": "d"},
+    ])
+    with pytest.raises(DataError) as e:
+        load_split(DataConfig(source=str(tmp_path)), "train")
+    msg = str(e.value)
+    assert "2 of 3 rows" in msg and "row 2 (line 2): field(s) 'document'" in msg
+    assert "row 3 (line 3): field(s) 'summary'" in msg and "data.document_field" in msg
+
+
+def test_missing_split_names_the_files_there(tmp_path):
+    _write_jsonl(tmp_path / "train.jsonl", [{"document": "d", "summary": "s"}])
+    with pytest.raises(DataError, match="Files there: train.jsonl"):
+        load_split(DataConfig(source=str(tmp_path)), "validation")
+
+
+def test_aclsum_offline_default():
+    train = load_split(DataConfig(), "train")
+    val = load_split(DataConfig(), "validation")
+    assert len(train) == 100 and len(val) == 50
+    assert not set(e.id for e in train) & set(e.id for e in val)
+    assert " ," not in train[0].document and " ." not in train[0].document
+    assert len(train[0].summary.split()) > 10
+
+
+def test_detokenize():
+    assert detokenize("results , in ( 20 % ) do n't `` x '' .") == 'results, in (20%) don\'t "x".'
+
+
+def test_prompt_uses_chat_template_and_truncates(tokenizer):
+    builder = PromptBuilder(tokenizer, PromptConfig(max_document_tokens=5, max_summary_tokens=3))
+    ids, truncated = builder.prompt_ids("one two three four five six seven eight nine ten")
+    text = tokenizer.decode(ids)
+    assert truncated and "<|im_start|>assistant" in text and "seven" not in text
+    resp, cut = builder.response_ids("alpha beta gamma delta epsilon")
+    assert cut and len(resp) == 4 and resp[-1] == tokenizer.eos_token_id
+
+
+def test_plain_template_for_base_models(tokenizer):
+    builder = PromptBuilder(tokenizer, PromptConfig(style="plain"))
+    text, _ = builder.prompt_text("A document.")
+    assert text.endswith("A document.\n\nSummary:") and "<|im_start|>" not in text
+
+
+def test_collate_masks():
+    from trainer.data.prompts import TokenizedExample
+
+    exs = [TokenizedExample("a", (1, 2, 3), (4, 5)), TokenizedExample("b", (1,), (6,))]
+    b = collate_sft(exs, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 6, 0, 0, 0]]
+    assert b.attention_mask.tolist() == [[True] * 5, [True, True, False, False, False]]
+    assert b.target_mask.tolist() == [[False, False, False, True, True], [False, True, False, False, False]]
+    p = collate_prompts(exs, pad_id=0)
+    assert p.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 1]] and p.prompt_mask.tolist()[1] == [False, False, True]

@@ -1,0 +1,137 @@
+"""Whole-stage runs on CPU with the tiny preset: SFT, evaluate, MLflow contents, kill + resume,
+2-rank ZeRO-3, and user errors. Each run is a real subprocess of the CLI."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, TINY, run_cli
+
+
+def _mlflow_runs(out):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["lastmile"])
+
+
+def test_tiny_sft_lowers_loss_and_writes_a_loadable_model(tiny_sft_run):
+    from transformers import AutoModelForCausalLM
+
+    m = json.loads((tiny_sft_run / "sft" / "metrics.json").read_text())
+    losses = [loss for _, loss in m["loss_history"]]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 1.0
+    assert m["val_history"][-1][1] < m["val_history"][0][1]
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft_run / "sft" / "model")
+    assert model.config.num_hidden_layers == 2
+    assert (tiny_sft_run / "sft" / "loss_curve.png").stat().st_size > 1000
+    ckpts = sorted(p.name for p in (tiny_sft_run / "sft" / "checkpoints").iterdir())
+    assert ckpts == ["step-0000008", "step-0000012"]  # keep_checkpoints: 2
+
+
+def test_tiny_evaluate_and_mlflow_contents(tiny_sft_run):
+    out = tiny_sft_run
+    proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["n_examples"] == 8 and set(results["systems"]) == {"model", "model+post"}
+    assert {"rougeL", "la_rougeL", "semantic", "len/pred_words_mean"} <= set(results["systems"]["model"])
+    assert "model+post vs model" in results["comparisons"]
+    assert len((out / "eval" / "samples.jsonl").read_text().splitlines()) == 8
+
+    runs = _mlflow_runs(out)
+    by_stage = {r["tags.lastmile.stage"]: r for _, r in runs.iterrows()}
+    sft, ev = by_stage["sft"], by_stage["evaluate"]
+    assert sft["status"] == "FINISHED" and ev["status"] == "FINISHED"
+    assert sft["params.sft.lr"] == "0.003" and sft["metrics.sft/loss"] < 10
+    assert ev["tags.lastmile.upstream_run_id"] == sft["run_id"]
+    assert ev["tags.lastmile.pipeline_id"] == sft["tags.lastmile.pipeline_id"]
+    assert 0 <= ev["metrics.eval/rougeL"] <= 1 and "metrics.eval/model_post/rougeL" in runs.columns
+    import mlflow
+
+    history = mlflow.MlflowClient().get_metric_history(sft["run_id"], "sft/loss")
+    assert [h.step for h in history] == list(range(1, 13))
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(sft["run_id"])}
+    assert {"config.yaml", "metrics.json", "loss_curve.png"} <= artifacts
+
+
+def test_predictions_file_scoring_and_missing_ids(tiny_sft_run, tmp_path):
+    preds = tmp_path / "preds.jsonl"
+    from trainer.config import DataConfig
+    from trainer.data.records import load_split
+
+    val = load_split(DataConfig(), "validation")[:8]
+    preds.write_text("".join(json.dumps({"id": e.id, "prediction": e.summary}) + "\n" for e in val))
+    out = tmp_path / "scored"
+    proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}",
+                   "eval.semantic_model=none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert res["systems"]["model"]["rougeL"] == pytest.approx(1.0)  # the references themselves
+    preds.write_text(json.dumps({"id": val[0].id, "prediction": "x"}) + "\n")
+    proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}")
+    assert proc.returncode == 2 and "no prediction for 7 of 8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_kill_and_resume_continues_the_same_curve_and_run(tiny_sft_run, tmp_path):
+    """SIGKILL mid-run after the step-4 checkpoint; the rerun resumes from it and ends with the same
+    loss history as the uninterrupted run, in the same MLflow run."""
+    out = tmp_path / "resume"
+    args = [sys.executable, "-m", "trainer", "sft", "--config", str(TINY), f"output_dir={out}", "sft.save_every=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = out / "sft" / "checkpoints" / "step-0000004"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sft" / "model").exists()
+    # A kill mid-write leaves only a .partial folder, which is never taken for a checkpoint.
+    (out / "sft" / "checkpoints" / "step-0000099.partial").mkdir()
+    run = run_cli("sft", "--config", str(TINY), f"output_dir={out}", "sft.save_every=4")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "resuming from" in run.stderr
+    resumed = json.loads((out / "sft" / "metrics.json").read_text())["loss_history"]
+    reference = json.loads((tiny_sft_run / "sft" / "metrics.json").read_text())["loss_history"]
+    assert [s for s, _ in resumed] == list(range(1, 13))
+    assert [loss for _, loss in resumed] == pytest.approx([loss for _, loss in reference], rel=1e-4)
+    assert not list((out / "sft" / "checkpoints").glob("*.partial"))
+    runs = _mlflow_runs(out)
+    assert len(runs) == 1 and runs.iloc[0]["tags.lastmile.resumed"] == "true"
+    assert runs.iloc[0]["status"] == "FINISHED"
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_matches_single_process(tiny_sft_run, tmp_path):
+    """deepspeed --num_gpus 2 on CPU (gloo), ZeRO-3: the same loss curve as one process with ZeRO-2."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    out = tmp_path / "z3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29517", "trainer/main.py", "sft", "--config", str(TINY),
+           f"output_dir={out}", "deepspeed.config=zero3", "sft.eval_every=0", "sft.num_samples=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    z3 = json.loads((out / "sft" / "metrics.json").read_text())["loss_history"]
+    ref = json.loads((tiny_sft_run / "sft" / "metrics.json").read_text())["loss_history"]
+    assert [loss for _, loss in z3] == pytest.approx([loss for _, loss in ref], rel=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path):
+    bad = run_cli("sft", "--config", str(TINY), "sft.lrr=1", "sft.batch_size=0")
+    assert bad.returncode == 2 and "Did you mean 'sft.lr'" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli("evaluate", "--config", str(TINY), f"output_dir={tmp_path}/none")
+    assert missing.returncode == 2 and "Run `lastmile sft`" in missing.stderr and "Traceback" not in missing.stderr
+    ok = run_cli("validate", "--config", str(TINY))
+    assert ok.returncode == 0 and "is valid" in ok.stderr
