@@ -101,6 +101,9 @@ class SFTConfig:
     keep_checkpoints: int = 2
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
     """Token log-prob implementation for the loss (kernels.logprob); `reference` materializes logits."""
+    packing: bool = False
+    """Pack each micro-batch into one row without padding (exact: block-diagonal attention on
+    SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
 
 
 @dataclass

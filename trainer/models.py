@@ -194,18 +194,23 @@ class TokenLogprobModel(torch.nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         target_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
         *,
         temperature: float = 1.0,
         with_entropy: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """input_ids (B, T), attention_mask (B, T) bool, target_mask (B, T) bool (True on tokens whose
-        probability is wanted) -> logprobs (B, T-1) fp32 aligned with input_ids[:, 1:], zero where
-        target_mask[:, 1:] is False; entropy (B, T-1) or None."""
+        probability is wanted), position_ids (B, T) only for packed rows -> logprobs (B, T-1) fp32
+        aligned with input_ids[:, 1:], zero where target_mask[:, 1:] is False; entropy (B, T-1) or None."""
         from kernels.logprob import token_logprobs
 
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
         decoder = self.lm.get_decoder()
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids).last_hidden_state
+        if position_ids is not None:  # packed: no 2D mask, transformers derives the blocks from positions
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        else:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # right or left padding
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask.long(),
+                             position_ids=position_ids, use_cache=False).last_hidden_state
         select = target_mask[:, 1:]  # (B, T-1)
         weight = self.lm.get_output_embeddings().weight
         logp, ent = token_logprobs(

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from trainer import checkpoint, distributed, preemption, tracking
 from trainer.algorithms.losses import sft_loss
 from trainer.config import BatchPlan, Config, plan_batches, to_yaml
-from trainer.data.collate import SFTBatch, collate_sft
+from trainer.data.collate import SFTBatch, collate_packed, collate_sft
 from trainer.data.prompts import PromptBuilder, TokenizedExample
 from trainer.data.records import load_split
 from trainer.distributed import DistInfo
@@ -123,7 +123,7 @@ def _total_steps(cfg: Config, n_train: int, plan: BatchPlan) -> int:
 
 
 def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan, rank: int, seed: int,
-                       pad_id: int) -> list[SFTBatch]:
+                       pad_id: int, *, packing: bool = False) -> list[SFTBatch]:
     """This rank's micro-batches for a global step; the order depends only on (seed, step)."""
     steps_per_epoch = len(train) // plan.global_batch
     epoch, within = divmod(step, steps_per_epoch)
@@ -131,10 +131,8 @@ def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan
     step_idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
     per_rank = plan.micro_batch * plan.grad_accum
     mine = step_idx[rank * per_rank : (rank + 1) * per_rank]
-    return [
-        collate_sft([train[i] for i in mine[j : j + plan.micro_batch]], pad_id)
-        for j in range(0, per_rank, plan.micro_batch)
-    ]
+    groups = [[train[i] for i in mine[j : j + plan.micro_batch]] for j in range(0, per_rank, plan.micro_batch)]
+    return [collate_packed(g) if packing else collate_sft(g, pad_id) for g in groups]
 
 
 def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision: str, device: torch.device) -> dict[str, float]:
@@ -144,7 +142,7 @@ def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision
     for mb in micro_batches:
         mb = mb.to(device)
         with distributed.autocast(precision, device):
-            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask)
+            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask, mb.position_ids)
         loss, stats = sft_loss(logprobs, mb.target_mask[:, 1:], global_tokens=global_tokens,
                                grad_accum=plan.grad_accum, world_size=plan.world_size)
         if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
@@ -172,12 +170,15 @@ def _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, s
     while state.step < total_steps:
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed + state.step)  # dropout etc. depend on the step only: resume is exact
-        mbs = step_micro_batches(train, state.step, plan, dist.rank, cfg.seed, tokenizer.pad_token_id)
+        mbs = step_micro_batches(train, state.step, plan, dist.rank, cfg.seed, tokenizer.pad_token_id,
+                                 packing=s.packing)
         metrics = train_step(engine, mbs, plan, cfg.precision, dist.device)
         state.step += 1
         elapsed = time.perf_counter() - t0
-        tokens = distributed.all_reduce_sum(sum(int(mb.attention_mask.sum()) for mb in mbs))
-        metrics.update({"perf/tokens_per_s": tokens / elapsed, "time/step_s": elapsed})
+        real = distributed.all_reduce_sum(sum(mb.num_real_tokens for mb in mbs))
+        processed = distributed.all_reduce_sum(sum(mb.num_processed_tokens for mb in mbs))
+        metrics.update({"perf/tokens_per_s": real / elapsed, "perf/padding_fraction": 1 - real / processed,
+                        "time/step_s": elapsed})
         state.loss_history.append((state.step, metrics["sft/loss"]))
         if dist.is_main and state.step % s.log_every == 0:
             tracker.log_metrics(metrics, step=state.step)
