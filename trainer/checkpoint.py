@@ -111,3 +111,17 @@ def publish_model(src: Path, dest: Path) -> None:
         os.rename(dest, old)
     os.rename(tmp, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+DONE_FILE = "DONE.json"
+
+
+def stage_complete(stage_dir: Path, resolved_config: str) -> bool:
+    """True when this stage already finished with exactly this resolved config (a requeued job
+    skips it); any config change runs it again (SFT then resumes from its newest checkpoint)."""
+    path = stage_dir / DONE_FILE
+    return path.is_file() and json.loads(path.read_text()).get("config") == resolved_config
+
+
+def mark_complete(stage_dir: Path, resolved_config: str) -> None:
+    write_json_atomic(stage_dir / DONE_FILE, {"config": resolved_config})

@@ -175,7 +175,8 @@ def postprocess(text: str) -> str:
 
 def paired_bootstrap(a: list[float], b: list[float], *, samples: int = 1000, seed: int = 0) -> dict[str, float]:
     """Difference of means b - a with a 95% percentile interval, resampling examples with
-    replacement (Koehn 2004; Dror et al. 2018). p_value: share of resamples where b <= a."""
+    replacement (Koehn 2004; Dror et al. 2018). p_value: share of resamples where b <= a, i.e. a
+    one-sided test of "b is better than a"."""
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if x.shape != y.shape or x.size == 0:
         raise ValueError("paired_bootstrap needs two equally long, non-empty score lists")

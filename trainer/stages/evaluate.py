@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import checkpoint, distributed, metrics, tracking
-from trainer.config import Config
+from trainer import checkpoint, distributed, metrics, preemption, tracking
+from trainer.config import Config, to_yaml
 from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
 from trainer.distributed import DistInfo
@@ -31,7 +31,7 @@ from trainer.models import load_causal_lm, load_tokenizer
 log = logging.getLogger(__name__)
 
 HEADLINE = ("rouge1", "rouge2", "rougeL", "rougeLsum", "la_rouge1", "la_rouge2", "la_rougeL", "semantic")
-COMPARED = ("rougeL", "la_rougeL", "semantic")
+COMPARED = ("rougeL", "la_rougeL", "semantic")  # paired bootstrap: a - b with a 95% CI; p = P(a <= b)
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,12 @@ class System:
 
 def run(cfg: Config) -> dict:
     dist = distributed.setup()
+    preemption.install()  # evaluation is short: a stop signal lets it finish instead of killing it
     stage_dir = Path(cfg.output_dir) / "eval"
+    if checkpoint.stage_complete(stage_dir, to_yaml(cfg)):
+        if dist.is_main:
+            print(f"Evaluation already complete in {stage_dir} with this config; skipping.", flush=True)
+        return json.loads((stage_dir / "results.json").read_text())
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     primary_model = None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg))
     upstream = _upstream_run_id(Path(cfg.output_dir))
@@ -141,7 +146,7 @@ def _generate_all(model_path: str, cfg: Config, examples: list[Example], dist: D
 
 
 def score_systems(systems: list[System], examples: list[Example], cfg: Config) -> dict:
-    """Per-example scores, means, length stats, and bootstrap comparisons against systems[0]."""
+    """Per-example scores, means, length stats, and paired bootstrap comparisons (comparison_pairs)."""
     refs = [list(ex.references) for ex in examples]
     semantic = None
     if cfg.eval.semantic_model != "none":
@@ -157,14 +162,13 @@ def score_systems(systems: list[System], examples: list[Example], cfg: Config) -
         per_system[s.name] = scores
         summary[s.name] = {k: float(np.mean(v)) for k, v in scores.items()}
         summary[s.name].update(metrics.length_stats(list(s.predictions), refs))
-    base = systems[0].name
     comparisons = {
-        f"{s.name} vs {base}": {
-            m: metrics.paired_bootstrap(per_system[base][m], per_system[s.name][m], samples=cfg.eval.bootstrap_samples,
+        f"{a} - {b}": {
+            m: metrics.paired_bootstrap(per_system[b][m], per_system[a][m], samples=cfg.eval.bootstrap_samples,
                                         seed=cfg.seed)
-            for m in COMPARED if m in per_system[base]
+            for m in COMPARED if m in per_system[a]
         }
-        for s in systems[1:]
+        for a, b in comparison_pairs([s.name for s in systems])
     }
     return {
         "n_examples": len(examples),
@@ -174,6 +178,14 @@ def score_systems(systems: list[System], examples: list[Example], cfg: Config) -
         "comparisons": comparisons,
         "per_example": per_system,
     }
+
+
+def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
+    """(a, b) pairs reported as a - b: post-processing against raw output, and the evaluated model
+    against the baseline (raw with raw, post-processed with post-processed)."""
+    pairs = [(f"{n}+post", n) for n in ("model", "baseline") if n in names and f"{n}+post" in names]
+    pairs += [(f"model{x}", f"baseline{x}") for x in ("", "+post") if f"baseline{x}" in names]
+    return pairs
 
 
 def _write(stage_dir: Path, cfg: Config, systems: list[System], examples: list[Example], results: dict, tracker) -> None:
@@ -196,6 +208,7 @@ def _write(stage_dir: Path, cfg: Config, systems: list[System], examples: list[E
     tracker.log_metrics(flat)
     for path in (stage_dir / "results.json", stage_dir / "samples.md", stage_dir / "samples.jsonl"):
         tracker.log_artifact(path)
+    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
     _print_table(results)
 
 

@@ -52,6 +52,10 @@ def run(cfg: Config) -> Path:
     preemption.install()
     stage_dir = Path(cfg.output_dir) / "sft"
     ckpt_root = stage_dir / "checkpoints"
+    if checkpoint.stage_complete(stage_dir, to_yaml(cfg)):
+        if dist.is_main:
+            print(f"SFT already complete in {stage_dir} with this config; skipping.", flush=True)
+        return stage_dir / "model"
     tokenizer = load_tokenizer(cfg.model)
     train, val = _load_data(cfg, tokenizer, dist)
     plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
@@ -59,8 +63,8 @@ def run(cfg: Config) -> Path:
 
     lm, attn = load_causal_lm(cfg.model, dist.device)
     if dist.is_main:
-        log.info("attention: %s (%s); logprob impl: %s; %d parameters", attn.implementation, attn.reason,
-                 cfg.sft.logprob_impl, count_parameters(lm))
+        log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
+                 attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
     ds = distributed.fill_ds_config(distributed.load_ds_config(cfg.deepspeed.config), plan,
                                     max_grad_norm=cfg.sft.max_grad_norm, hidden_size=lm.config.hidden_size)
     engine = distributed.build_engine(
@@ -263,4 +267,5 @@ def _finish(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist,
                        title="SFT", ylabel="NLL per target token")
     for path in (stage_dir / "metrics.json", plot):
         tracker.log_artifact(path)
+    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
     print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)
