@@ -1,7 +1,7 @@
 """Peak memory and time of per-token log-probs, forward + backward: fused implementations against
 the plain reference (logits -> log_softmax -> gather, what most RL trainers do), in one run.
 
-    python bench/logprob.py                       # CPU: reference vs chunked
+    python bench/logprob.py                       # CPU: reference vs chunked vs fused-sum
     python bench/logprob.py --impls reference chunked triton --device cuda   # on a GPU machine
 
 Each implementation runs in its own subprocess so that CPU peak memory (the RSS high-water mark,
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def measure(impl: str, N: int, V: int, H: int, device: str, repeats: int, with_entropy: bool) -> dict:
     import torch
 
-    from kernels.logprob import token_logprobs
+    from kernels.logprob import token_logprob_sum, token_logprobs
 
     torch.manual_seed(0)
     h = torch.randn(N, H, device=device, requires_grad=True)
@@ -36,9 +36,12 @@ def measure(impl: str, N: int, V: int, H: int, device: str, repeats: int, with_e
     g = torch.randn(N, device=device)
 
     def step():
-        lp, ent = token_logprobs(h, w, t, impl=impl, with_entropy=with_entropy)
-        loss = (lp * g).sum() + (ent.sum() if ent is not None else 0)
-        loss.backward()
+        if impl == "fused-sum":  # the SFT path: an objective linear in the log-probs
+            token_logprob_sum(h, w, t, g).backward()
+        else:
+            lp, ent = token_logprobs(h, w, t, impl=impl, with_entropy=with_entropy)
+            loss = (lp * g).sum() + (ent.sum() if ent is not None else 0)
+            loss.backward()
         h.grad = None
         w.grad = None
         if device == "cuda":
@@ -76,10 +79,11 @@ def main() -> None:
     p.add_argument("--N", type=int, default=4096)
     p.add_argument("--V", type=int, default=49152)
     p.add_argument("--H", type=int, default=576)
-    p.add_argument("--impls", nargs="+", default=["reference", "chunked"])
+    p.add_argument("--impls", nargs="+", default=["reference", "chunked", "fused-sum"],
+                   help="reference | chunked | triton (per-token log-probs) | fused-sum (sum of coef * log-prob)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--entropy", action="store_true", help="also compute (and backprop) the entropy")
+    p.add_argument("--entropy", action="store_true", help="also compute (and backprop) the entropy (per-token impls)")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:

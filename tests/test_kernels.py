@@ -80,6 +80,13 @@ def test_fused_loss_equals_reference_on_tiny_model(tiny_lm, tokenizer):
     assert (lp[~mask] == 0).all()
     for g, r in zip(grads, ref_grads):
         assert _rel(g, r) < 1e-4
+    # The SFT default: reduction="sum" through the fused linear-loss path.
+    summed = fused(b.input_ids, b.attention_mask, b.target_mask, reduction="sum")
+    sum_loss = -summed / mask.sum()
+    sum_grads = torch.autograd.grad(sum_loss, [p for p in tiny_lm.parameters()])
+    assert abs(float(sum_loss) - float(ref_loss)) < 1e-5
+    for g, r in zip(sum_grads, ref_grads):
+        assert _rel(g, r) < 1e-4
 
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")

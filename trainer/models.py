@@ -198,11 +198,16 @@ class TokenLogprobModel(torch.nn.Module):
         *,
         temperature: float = 1.0,
         with_entropy: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        reduction: str = "none",
+    ):
         """input_ids (B, T), attention_mask (B, T) bool, target_mask (B, T) bool (True on tokens whose
-        probability is wanted), position_ids (B, T) only for packed rows -> logprobs (B, T-1) fp32
-        aligned with input_ids[:, 1:], zero where target_mask[:, 1:] is False; entropy (B, T-1) or None."""
-        from kernels.logprob import token_logprobs
+        probability is wanted), position_ids (B, T) only for packed rows.
+
+        reduction="none" -> (logprobs (B, T-1) fp32 aligned with input_ids[:, 1:], zero where
+        target_mask[:, 1:] is False; entropy (B, T-1) or None).
+        reduction="sum" -> scalar sum of the target tokens' log-probs, through the fused linear-loss
+        path (kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls)."""
+        from kernels.logprob import token_logprob_sum, token_logprobs
 
         decoder = self.lm.get_decoder()
         if position_ids is not None:  # packed: no 2D mask, transformers derives the blocks from positions
@@ -213,6 +218,9 @@ class TokenLogprobModel(torch.nn.Module):
                              position_ids=position_ids, use_cache=False).last_hidden_state
         select = target_mask[:, 1:]  # (B, T-1)
         weight = self.lm.get_output_embeddings().weight
+        if reduction == "sum":
+            return token_logprob_sum(hidden[:, :-1][select], weight, input_ids[:, 1:][select], None, temperature,
+                                     impl=self.logprob_impl)
         logp, ent = token_logprobs(
             hidden[:, :-1][select], weight, input_ids[:, 1:][select], temperature,
             with_entropy=with_entropy, impl=self.logprob_impl,

@@ -22,16 +22,13 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_sum(values, mask) / mask.sum().clamp(min=1)
 
 
-def sft_loss(
-    logprobs: torch.Tensor, mask: torch.Tensor, *, global_tokens: int, grad_accum: int, world_size: int
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Negative log-likelihood of the target tokens of one micro-batch, scaled for the global batch.
+def sft_loss(nll_sum: torch.Tensor, *, global_tokens: int, grad_accum: int, world_size: int) -> torch.Tensor:
+    """The micro-batch loss to backpropagate, scaled so that the step's gradient is the gradient of
+    the token-mean NLL over the global batch.
 
-    logprobs (B, T-1) fp32: log p(x_{t+1} | x_<=t); mask (B, T-1) bool: True on target tokens.
-    global_tokens: target tokens in the whole optimizer step across ranks and micro-batches.
-    Returns the loss to backpropagate and stats: `nll_sum` (this micro-batch's summed NLL) and
-    `tokens`. The step's mean NLL is sum(nll_sum) / global_tokens over all micro-batches.
+    nll_sum: scalar, summed negative log-likelihood of this micro-batch's target tokens
+    (-masked_sum(logprobs (B, T-1), mask (B, T-1))). global_tokens: target tokens in the whole
+    optimizer step across ranks and micro-batches. DeepSpeed divides by grad_accum and averages
+    over world_size ranks, so we multiply both back in.
     """
-    nll_sum = -masked_sum(logprobs, mask)
-    loss = nll_sum * (grad_accum * world_size) / max(global_tokens, 1)
-    return loss, {"nll_sum": float(nll_sum.detach()), "tokens": int(mask.sum())}
+    return nll_sum * (grad_accum * world_size) / max(global_tokens, 1)

@@ -142,13 +142,12 @@ def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan
 def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision: str, device: torch.device) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; token-mean NLL over the global batch."""
     global_tokens = int(distributed.all_reduce_sum(sum(mb.num_target_tokens for mb in micro_batches)))
-    nll_sum = 0.0
+    nll_total = 0.0
     for mb in micro_batches:
         mb = mb.to(device)
         with distributed.autocast(precision, device):
-            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask, mb.position_ids)
-        loss, stats = sft_loss(logprobs, mb.target_mask[:, 1:], global_tokens=global_tokens,
-                               grad_accum=plan.grad_accum, world_size=plan.world_size)
+            nll_sum = -engine(mb.input_ids, mb.attention_mask, mb.target_mask, mb.position_ids, reduction="sum")
+        loss = sft_loss(nll_sum, global_tokens=global_tokens, grad_accum=plan.grad_accum, world_size=plan.world_size)
         if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
             raise UserError(
                 f"sft loss became {float(loss)} (not finite) before the update. The weights were not changed. "
@@ -156,10 +155,10 @@ def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision
             )
         engine.backward(loss)
         engine.step()
-        nll_sum += stats["nll_sum"]
+        nll_total += float(nll_sum.detach())
     grad_norm = engine.get_global_grad_norm()
     return {
-        "sft/loss": distributed.all_reduce_sum(nll_sum) / max(global_tokens, 1),
+        "sft/loss": distributed.all_reduce_sum(nll_total) / max(global_tokens, 1),
         "sft/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "sft/lr": engine.get_lr()[0],
         "sft/target_tokens": global_tokens,
@@ -217,9 +216,9 @@ def validation_loss(engine, val: list[TokenizedExample], micro_batch: int, preci
         counts = bool(chunk)
         mb = collate_sft(chunk or val[:1], pad_id).to(dist.device)  # a dummy forward keeps ranks in step
         with distributed.autocast(precision, dist.device):
-            logprobs, _ = engine(mb.input_ids, mb.attention_mask, mb.target_mask)
+            logprob_sum = engine(mb.input_ids, mb.attention_mask, mb.target_mask, reduction="sum")
         if counts:
-            nll -= float(logprobs.sum())
+            nll -= float(logprob_sum)
             tokens += mb.num_target_tokens
     engine.train()
     return distributed.all_reduce_sum(nll) / max(distributed.all_reduce_sum(tokens), 1)
