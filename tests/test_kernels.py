@@ -75,7 +75,7 @@ def test_fused_loss_equals_reference_on_tiny_model(tiny_lm, tokenizer):
     ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, b.input_ids[:, 1:, None]).squeeze(-1)
     ref_loss = -(ref * mask).sum() / mask.sum()
     ref_grads = torch.autograd.grad(ref_loss, [p for p in tiny_lm.parameters()])
-    assert abs(float(loss) - float(ref_loss)) < 1e-5
+    assert abs(float(loss.detach()) - float(ref_loss.detach())) < 1e-5
     assert torch.allclose(lp[mask], ref[mask], atol=1e-5)
     assert (lp[~mask] == 0).all()
     for g, r in zip(grads, ref_grads):
@@ -84,7 +84,7 @@ def test_fused_loss_equals_reference_on_tiny_model(tiny_lm, tokenizer):
     summed = fused(b.input_ids, b.attention_mask, b.target_mask, reduction="sum")
     sum_loss = -summed / mask.sum()
     sum_grads = torch.autograd.grad(sum_loss, [p for p in tiny_lm.parameters()])
-    assert abs(float(sum_loss) - float(ref_loss)) < 1e-5
+    assert abs(float(sum_loss.detach()) - float(ref_loss.detach())) < 1e-5
     for g, r in zip(sum_grads, ref_grads):
         assert _rel(g, r) < 1e-4
 
