@@ -95,7 +95,7 @@ class _ChunkedLogprob(torch.autograd.Function):
         hidden, weight, targets, lse, expected_z = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         hs = hidden.float() / T
-        N, V = hs.shape[0], weight.shape[0]
+        V = weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hs) if need_h else None
         grad_w = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None

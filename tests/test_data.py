@@ -97,3 +97,35 @@ def test_collate_masks():
     assert b.target_mask.tolist() == [[False, False, False, True, True], [False, True, False, False, False]]
     p = collate_prompts(exs, pad_id=0)
     assert p.prompt_ids.tolist() == [[1, 2, 3], [0, 0, 1]] and p.prompt_mask.tolist()[1] == [False, False, True]
+
+
+def test_hub_source_maps_fields(monkeypatch):
+    """hub:<name> goes through datasets.load_dataset (stubbed: no hub here) with config and split."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config, split):
+        calls.append((name, config, split))
+        return [{"paper_id": "p1", "source": "Doc.", "target": ["T1.", "T2."]}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = DataConfig(source="hub:allenai/scitldr", hub_config="Abstract", id_field="paper_id", document_field="source",
+                     summary_field="title", references_field="target")
+    with pytest.raises(DataError, match="'title'"):
+        load_split(cfg, "train")
+    cfg = DataConfig(source="hub:allenai/scitldr", hub_config="Abstract", id_field="paper_id", document_field="source",
+                     summary_field="source", references_field="target")
+    ex = load_split(cfg, "validation")
+    assert calls[-1] == ("allenai/scitldr", "Abstract", "validation") and ex[0].references == ("T1.", "T2.")
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    from trainer.errors import ModelError
+    from trainer.models import resolve_model_path
+
+    with pytest.raises(ModelError, match=r"model.path \(./nope.gguf\) does not exist"):
+        resolve_model_path("./nope.gguf")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="folder without config.json"):
+        resolve_model_path(str(tmp_path / "empty"))

@@ -64,8 +64,10 @@ def save_hf_model(lm, tokenizer, state_dict: dict[str, torch.Tensor], dest: Path
     tokenizer.save_pretrained(dest)
 
 
-def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any], root: Path, step: int, *, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint folder."""
+def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any], root: Path, step: int, *, keep: int,
+                    prefix: str = "lm.") -> Path:
+    """Collective: every rank calls it. `lm` is the Hugging Face model inside the engine's module,
+    under attribute `prefix`. Returns the final checkpoint folder."""
     final = root / f"step-{step:07d}"
     partial = root / f"step-{step:07d}.partial"
     is_main = torch.distributed.get_rank() == 0
@@ -76,7 +78,7 @@ def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any
     engine.save_checkpoint(str(partial), tag="engine", save_latest=False)
     sd = distributed.consolidated_state_dict(engine, ds_config)
     if is_main:
-        save_hf_model(lm, tokenizer, sd, partial / "model")
+        save_hf_model(lm, tokenizer, sd, partial / "model", prefix=prefix)
         write_json_atomic(partial / STATE_FILE, state)
         _fsync_tree(partial)
         if final.exists():  # re-saving the same step after a resume
@@ -97,6 +99,20 @@ def load_checkpoint(engine, folder: Path) -> dict[str, Any]:
     """Restore engine (weights, optimizer, scheduler) and return the trainer state."""
     engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
     return json.loads((folder / STATE_FILE).read_text())
+
+
+def resume(engine, root: Path, *, is_main: bool) -> dict[str, Any] | None:
+    """Clear leftovers of a killed save, then load the newest complete checkpoint if there is one
+    (collective). Returns its trainer state, or None for a fresh start."""
+    if is_main:
+        remove_partials(root)
+    distributed.barrier()
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return None
+    if is_main:
+        log.info("resuming from %s", latest)
+    return load_checkpoint(engine, latest)
 
 
 def publish_model(src: Path, dest: Path) -> None:

@@ -8,8 +8,6 @@ import logging
 import os
 import sys
 
-STAGES = ("sft", "evaluate")
-
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lastmile", description="Last-mile fine-tuning: SFT, evaluation (and RL stages).")
@@ -17,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("sft", "supervised fine-tuning (MLE baseline)"),
         ("evaluate", "generate and score summaries (ROUGE, la-ROUGE, semantic similarity, bootstrap)"),
+        ("reward-model", "train a reward model on synthetic failure-mode negatives; per-mode evaluation"),
         ("validate", "check a config and print it resolved"),
     ):
         s = sub.add_parser(name, help=help_text)
@@ -63,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.stages import evaluate
 
             evaluate.run(cfg)
+        elif args.command == "reward-model":
+            from trainer.stages import reward_model
+
+            reward_model.run(cfg)
         return 0
     except UserError as e:
         print(f"lastmile {args.command}: error: {e}", file=sys.stderr, flush=True)

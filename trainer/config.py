@@ -76,19 +76,28 @@ class PromptConfig:
 
 
 @dataclass
-class SFTConfig:
+class TrainConfig:
+    """What every training stage shares: length, batch sizes, optimizer, schedule, checkpoints."""
+
     epochs: int = 1
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
     batch_size: int = 8
-    """Global examples per optimizer step, across ranks and accumulation."""
+    """Global examples (SFT) or pairs (reward model) per optimizer step, across ranks and accumulation."""
     micro_batch_size: int = 2
-    """Examples per rank per forward pass."""
+    """Examples or pairs per rank per forward pass."""
     lr: float = 2.0e-5
     weight_decay: float = 0.0
     warmup_steps: int = 0
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
     max_grad_norm: float = 1.0
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class SFTConfig(TrainConfig):
     log_every: int = 1
     eval_every: int = 50
     """Validation loss and sample generations every N steps (0: only at the end)."""
@@ -96,14 +105,32 @@ class SFTConfig:
     """How many validation examples the periodic validation loss uses."""
     num_samples: int = 2
     """Sample generations logged at each validation."""
-    save_every: int = 50
-    """Checkpoint every N steps (0: only at the end)."""
-    keep_checkpoints: int = 2
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
     """Token log-prob implementation for the loss (kernels.logprob); `reference` materializes logits."""
     packing: bool = False
     """Pack each micro-batch into one row without padding (exact: block-diagonal attention on
     SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
+
+
+FAILURE_MODES = ("random_tokens", "irrelevant", "shuffled_words", "shuffled_sentences", "repetition", "truncated",
+                 "source_copy", "hallucination")
+
+
+@dataclass
+class RewardModelConfig(TrainConfig):
+    lr: float = 1.0e-5
+    init: str | None = None
+    """Backbone to start from; default: the SFT model in output_dir, else model.path."""
+    mode_weights: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in FAILURE_MODES})
+    """Mixture of synthetic failure modes (trainer.data.negatives.MODES) for training pairs."""
+    negatives_per_example: int = 4
+    policy_negatives_model: str | None = None
+    """A model (e.g. the SFT model) whose sampled summaries with low ROUGE-L become `policy` negatives."""
+    policy_negatives_max_rougeL: float = 0.2
+    margin: float = 0.0
+    """Bradley-Terry margin: train towards r_ref - r_neg > margin."""
+    eval_examples: int | None = None
+    """Held-out examples (data.eval_split) for the per-mode evaluation; default: data.max_eval_examples."""
 
 
 @dataclass
@@ -161,6 +188,7 @@ class Config:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -286,25 +314,19 @@ def validate(cfg: Config) -> list[str]:
             bound = "at least 0" if allow_zero else "greater than 0"
             p.append(f"{name} ({value}) must be {bound}.")
 
-    positive("sft.epochs", s.epochs)
-    positive("sft.max_steps", s.max_steps)
-    positive("sft.batch_size", s.batch_size)
-    positive("sft.micro_batch_size", s.micro_batch_size)
-    positive("sft.lr", s.lr)
-    positive("sft.weight_decay", s.weight_decay, allow_zero=True)
-    positive("sft.warmup_steps", s.warmup_steps, allow_zero=True)
-    positive("sft.max_grad_norm", s.max_grad_norm, allow_zero=True)
-    positive("sft.log_every", s.log_every)
-    positive("sft.eval_every", s.eval_every, allow_zero=True)
-    positive("sft.save_every", s.save_every, allow_zero=True)
-    positive("sft.keep_checkpoints", s.keep_checkpoints)
-    positive("sft.eval_examples", s.eval_examples, allow_zero=True)
-    positive("sft.num_samples", s.num_samples, allow_zero=True)
-    if s.batch_size > 0 and s.micro_batch_size > 0 and s.batch_size % s.micro_batch_size:
-        p.append(
-            f"sft.batch_size ({s.batch_size}) is not a multiple of sft.micro_batch_size ({s.micro_batch_size}). "
-            "Each optimizer step accumulates whole micro-batches. Make batch_size = micro_batch_size x ranks x accumulation."
-        )
+    _validate_training(positive, p, "sft", s)
+    for name in ("log_every", "eval_every", "eval_examples", "num_samples"):
+        positive(f"sft.{name}", getattr(s, name), allow_zero=name != "log_every")
+    r = cfg.rm
+    _validate_training(positive, p, "rm", r)
+    positive("rm.negatives_per_example", r.negatives_per_example)
+    positive("rm.eval_examples", r.eval_examples)
+    positive("rm.margin", r.margin, allow_zero=True)
+    unknown_modes = sorted(set(r.mode_weights) - set(FAILURE_MODES))
+    if unknown_modes:
+        p.append(f"rm.mode_weights has unknown modes {unknown_modes}. Known: {', '.join(FAILURE_MODES)}.")
+    if not any(isinstance(w, (int, float)) and w > 0 for w in r.mode_weights.values()):
+        p.append("rm.mode_weights gives no mode a positive weight. Give at least one mode a weight above 0.")
     positive("prompt.max_document_tokens", cfg.prompt.max_document_tokens)
     positive("prompt.max_summary_tokens", cfg.prompt.max_summary_tokens)
     positive("data.max_train_examples", cfg.data.max_train_examples)
@@ -338,6 +360,18 @@ def validate(cfg: Config) -> list[str]:
     except ConfigError as e:
         p.append(str(e))
     return p
+
+
+def _validate_training(positive, p: list[str], prefix: str, t: TrainConfig) -> None:
+    for name in ("epochs", "max_steps", "batch_size", "micro_batch_size", "lr", "keep_checkpoints"):
+        positive(f"{prefix}.{name}", getattr(t, name))
+    for name in ("weight_decay", "warmup_steps", "max_grad_norm", "save_every"):
+        positive(f"{prefix}.{name}", getattr(t, name), allow_zero=True)
+    if t.batch_size > 0 and t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size:
+        p.append(
+            f"{prefix}.batch_size ({t.batch_size}) is not a multiple of {prefix}.micro_batch_size ({t.micro_batch_size}). "
+            "Each optimizer step accumulates whole micro-batches. Make batch_size = micro_batch_size x ranks x accumulation."
+        )
 
 
 def _get_dotted(cfg: Any, dotted: str) -> Any:

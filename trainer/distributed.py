@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import BatchPlan, resolve_ds_config_path
+from trainer.config import BatchPlan, TrainConfig, resolve_ds_config_path
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,15 @@ def build_engine(
         for p in module.external_parameters():
             deepspeed.zero.register_external_parameter(module, p)
     return engine
+
+
+def engine_for(module: torch.nn.Module, train: TrainConfig, plan: BatchPlan, *, total_steps: int, ds_config: str,
+               hidden_size: int):
+    """A stage's engine from its TrainConfig and a ds_configs/ name: (engine, filled DeepSpeed dict)."""
+    ds = fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=train.max_grad_norm, hidden_size=hidden_size)
+    engine = build_engine(module, ds, lr=train.lr, weight_decay=train.weight_decay, total_steps=total_steps,
+                          warmup_steps=train.warmup_steps, schedule=train.lr_schedule)
+    return engine, ds
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):

@@ -230,3 +230,41 @@ class TokenLogprobModel(torch.nn.Module):
         if ent is None:
             return out, None
         return out, torch.zeros_like(out).masked_scatter(select, ent)
+
+
+class ScalarRewardModel(torch.nn.Module):
+    """A sequence-classification LM (one label) scoring prompt + summary at the last real token.
+
+    `self.rm` is a transformers `AutoModelForSequenceClassification`, so the saved model loads with
+    it. Its own forward reads the score at the last non-pad token; we feed summaries without EOS
+    (for SmolLM2 EOS equals the pad id), so both read the same position.
+    """
+
+    def __init__(self, rm: torch.nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) bool (right or left padded) -> scores (B,) fp32."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
+                                    use_cache=False).last_hidden_state  # (B, T, H)
+        T = attention_mask.shape[1]
+        last = T - 1 - attention_mask.flip(-1).long().argmax(-1)  # index of the last True per row
+        h_last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.rm.score(h_last).squeeze(-1).float()
+
+
+def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int):
+    """AutoModelForSequenceClassification with one label from a causal-LM checkpoint (new head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    attn = choose_attention(cfg.attn_implementation, device)
+    source = resolve_model_path(path)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, dtype=torch.float32, attn_implementation=attn.implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    rm.config.pad_token_id = pad_token_id
+    return rm, attn

@@ -26,6 +26,7 @@ class Tracker(Protocol):
     run_id: str | None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+    def log_params(self, params: dict[str, Any]) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -36,6 +37,9 @@ class NullTracker:
     run_id = None
 
     def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_params(self, params):
         pass
 
     def log_artifact(self, path, artifact_path=None):
@@ -70,6 +74,14 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self._mlflow.log_params({k: str(v) for k, v in params.items()})
+        except MlflowException:  # a resumed run already has them (MLflow params are immutable)
+            pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._mlflow.log_artifact(str(path), artifact_path=artifact_path)
@@ -113,6 +125,14 @@ def pipeline_id(cfg: Config) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new)
     return new
+
+
+def upstream_run_id(output_dir: str | Path, stage: str) -> str | None:
+    """The MLflow run id an earlier stage recorded in <output_dir>/<stage>/run.json."""
+    import json
+
+    path = Path(output_dir) / stage / "run.json"
+    return json.loads(path.read_text()).get("run_id") if path.is_file() else None
 
 
 def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None = None,

@@ -32,3 +32,22 @@ def sft_loss(nll_sum: torch.Tensor, *, global_tokens: int, grad_accum: int, worl
     over world_size ranks, so we multiply both back in.
     """
     return nll_sum * (grad_accum * world_size) / max(global_tokens, 1)
+
+
+def pairwise_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Bradley-Terry loss for a reward model: -log sigmoid(r_chosen - r_rejected - margin), mean over pairs.
+
+    chosen (P,), rejected (P,) scalar scores. `margin` > 0 asks for a gap (Llama 2 reward model,
+    Touvron et al. 2023, eq. 2). Stats: pairwise accuracy and mean score gap.
+    """
+    gap = chosen.float() - rejected.float()
+    loss = -torch.nn.functional.logsigmoid(gap - margin).mean()
+    detached = gap.detach()
+    return loss, {"accuracy": float((detached > 0).float().mean()), "margin": float(detached.mean())}
+
+
+def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
+    """Area under the ROC curve = P(score of a random positive > a random negative), ties count 1/2
+    (the Mann-Whitney U statistic). positive (P,), negative (Q,)."""
+    pos, neg = positive.float()[:, None], negative.float()[None, :]
+    return float(((pos > neg).float() + 0.5 * (pos == neg).float()).mean())

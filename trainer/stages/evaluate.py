@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import checkpoint, distributed, metrics, preemption, tracking
+from trainer import checkpoint, distributed, metrics, tracking
 from trainer.config import Config, to_yaml
 from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
@@ -27,6 +27,7 @@ from trainer.distributed import DistInfo
 from trainer.errors import DataError, UserError
 from trainer.generation import generate
 from trainer.models import load_causal_lm, load_tokenizer
+from trainer.stages import common
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,13 @@ class System:
 
 
 def run(cfg: Config) -> dict:
-    dist = distributed.setup()
-    preemption.install()  # evaluation is short: a stop signal lets it finish instead of killing it
-    stage_dir = Path(cfg.output_dir) / "eval"
-    if checkpoint.stage_complete(stage_dir, to_yaml(cfg)):
-        if dist.is_main:
-            print(f"Evaluation already complete in {stage_dir} with this config; skipping.", flush=True)
+    # Evaluation is short: a stop signal (handled by common.begin) lets it finish instead of killing it.
+    dist, stage_dir, done = common.begin(cfg, "eval", "Evaluation")
+    if done:
         return json.loads((stage_dir / "results.json").read_text())
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     primary_model = None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg))
-    upstream = _upstream_run_id(Path(cfg.output_dir))
+    upstream = tracking.upstream_run_id(cfg.output_dir, "sft")
     tracker = tracking.start(cfg, stage="evaluate", is_main=dist.is_main, upstream_run_id=upstream)
     status = "FAILED"
     try:
@@ -65,11 +63,6 @@ def run(cfg: Config) -> dict:
         return results
     finally:
         tracker.end(status)
-
-
-def _upstream_run_id(output_dir: Path) -> str | None:
-    path = output_dir / "sft" / "run.json"
-    return json.loads(path.read_text()).get("run_id") if path.is_file() else None
 
 
 def _collect_systems(cfg: Config, primary_model: str | None, examples: list[Example], dist: DistInfo) -> list[System]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from kernels.logprob import resolve_impl
 from trainer import checkpoint, distributed, preemption, tracking
 from trainer.algorithms.losses import sft_loss
 from trainer.config import BatchPlan, Config, plan_batches, to_yaml
@@ -29,6 +30,7 @@ from trainer.errors import ConfigError, UserError
 from trainer.generation import generate
 from trainer.models import TokenLogprobModel, count_parameters, load_causal_lm, load_tokenizer
 from trainer.plots import plot_curves
+from trainer.stages import common
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +50,10 @@ class SFTState:
 
 
 def run(cfg: Config) -> Path:
-    dist = distributed.setup()
-    preemption.install()
-    stage_dir = Path(cfg.output_dir) / "sft"
-    ckpt_root = stage_dir / "checkpoints"
-    if checkpoint.stage_complete(stage_dir, to_yaml(cfg)):
-        if dist.is_main:
-            print(f"SFT already complete in {stage_dir} with this config; skipping.", flush=True)
+    dist, stage_dir, done = common.begin(cfg, "sft", "SFT")
+    if done:
         return stage_dir / "model"
+    ckpt_root = stage_dir / "checkpoints"
     tokenizer = load_tokenizer(cfg.model)
     train, val = _load_data(cfg, tokenizer, dist)
     plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
@@ -65,20 +63,10 @@ def run(cfg: Config) -> Path:
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
                  attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
-    ds = distributed.fill_ds_config(distributed.load_ds_config(cfg.deepspeed.config), plan,
-                                    max_grad_norm=cfg.sft.max_grad_norm, hidden_size=lm.config.hidden_size)
-    engine = distributed.build_engine(
-        TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), ds, lr=cfg.sft.lr, weight_decay=cfg.sft.weight_decay,
-        total_steps=total_steps, warmup_steps=cfg.sft.warmup_steps, schedule=cfg.sft.lr_schedule,
-    )
-    state = SFTState()
-    if dist.is_main:
-        checkpoint.remove_partials(ckpt_root)
-    distributed.barrier()
-    if (latest := checkpoint.latest_checkpoint(ckpt_root)) is not None:
-        state = SFTState(**checkpoint.load_checkpoint(engine, latest))
-        if dist.is_main:
-            log.info("resuming from %s (step %d)", latest, state.step)
+    engine, ds = distributed.engine_for(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), cfg.sft, plan,
+                                        total_steps=total_steps, ds_config=cfg.deepspeed.config,
+                                        hidden_size=lm.config.hidden_size)
+    state = SFTState(**(checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {}))
 
     tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id)
     state.run_id = tracker.run_id if dist.is_main else None
@@ -87,7 +75,8 @@ def run(cfg: Config) -> Path:
         (stage_dir / "config.yaml").write_text(to_yaml(cfg))
         print(f"Resolved config:\n{to_yaml(cfg)}", flush=True)
         tracker.log_artifact(stage_dir / "config.yaml")
-        tracker.set_tags({"lastmile.attention": attn.implementation})
+        tracker.log_params({"runtime.attention": attn.implementation, "runtime.world_size": dist.world_size,
+                            "runtime.logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device)})
         tracker.log_metrics({"data/train_examples": len(train), "data/total_steps": total_steps,
                              "data/grad_accum": plan.grad_accum, "data/world_size": dist.world_size})
     status = "FAILED"

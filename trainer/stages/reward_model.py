@@ -1,0 +1,326 @@
+"""Reward-model stage: learn to prefer the reference summary over failures made from the data.
+
+    lastmile reward-model --config trainer/configs/tiny.yaml output_dir=runs/tiny
+    deepspeed --num_gpus 2 trainer/main.py reward-model --config X deepspeed.config=zero3
+
+Pairs (document, reference, negative) come from trainer.data.negatives (synthetic failure modes,
+mixed by `rm.mode_weights`) and optionally from a policy's own low-ROUGE samples. A scalar head on
+the SFT backbone is trained with the Bradley-Terry loss. At the end, on held-out examples
+(`data.eval_split`): pairwise accuracy and AUROC per failure mode, score distributions of references
+and of the MLE outputs (raw and post-processed, from `<output_dir>/eval/` when `evaluate` ran), the
+20 negatives the model prefers most, and the reference-score mean/std that later stages use to
+normalize rewards. Writes <output_dir>/reward_model/: model/ (AutoModelForSequenceClassification,
+plus reward_stats.json), results.json, fooled.md, scores.png, checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import checkpoint, distributed, metrics, preemption, tracking
+from trainer.algorithms.losses import auroc, pairwise_loss
+from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches, to_yaml
+from trainer.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
+from trainer.data.prompts import PromptBuilder
+from trainer.data.records import Example, load_split
+from trainer.errors import ConfigError, UserError
+from trainer.generation import generate
+from trainer.models import ScalarRewardModel, load_causal_lm, load_reward_backbone, load_tokenizer
+from trainer.plots import plot_histograms
+from trainer.stages import common
+
+log = logging.getLogger(__name__)
+STATS_FILE = "reward_stats.json"
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    chosen: tuple[int, ...]  # prompt + reference tokens (no EOS: the score is read at the last token)
+    rejected: tuple[int, ...]  # prompt + negative tokens
+    mode: str
+
+
+def run(cfg: Config) -> Path:
+    dist, stage_dir, done = common.begin(cfg, "reward_model", "Reward model")
+    if done:
+        return stage_dir / "model"
+    ckpt_root = stage_dir / "checkpoints"
+    init = _init_path(cfg)
+    tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path))
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
+    pairs = make_pairs(train_ex, negative_context(tokenizer, train_ex), cfg.rm.mode_weights,
+                       per_example=cfg.rm.negatives_per_example, seed=cfg.seed)
+    if cfg.rm.policy_negatives_model:
+        pairs += policy_negatives(cfg, train_ex, dist)
+    train = encode_pairs(pairs, {e.id: e for e in train_ex}, builder)
+    plan = plan_batches(cfg.rm.batch_size, cfg.rm.micro_batch_size, dist.world_size, field_prefix="rm")
+    total_steps = _total_steps(cfg, len(train), plan)
+
+    rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id)
+    engine, ds = distributed.engine_for(ScalarRewardModel(rm), cfg.rm, plan, total_steps=total_steps,
+                                        ds_config=cfg.deepspeed.config, hidden_size=rm.config.hidden_size)
+    if dist.is_main:
+        log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
+                 _mode_counts(pairs), total_steps, attn.implementation)
+    state = checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {"step": 0, "run_id": None, "history": []}
+    tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state["run_id"],
+                             upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
+    state["run_id"] = tracker.run_id
+    tracker.log_params({"runtime.attention": attn.implementation, "runtime.world_size": dist.world_size})
+    status = "FAILED"
+    try:
+        _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root)
+        _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root)
+        status = "FINISHED"
+    except preemption.Preempted:
+        status = tracking.INTERRUPTED
+        tracker.set_tags({"lastmile.status": "interrupted"})
+        raise
+    finally:
+        tracker.end(status)
+    return stage_dir / "model"
+
+
+def _init_path(cfg: Config) -> str:
+    if cfg.rm.init:
+        return cfg.rm.init
+    sft = Path(cfg.output_dir) / "sft" / "model"
+    if (sft / "config.json").is_file():
+        return str(sft)
+    if cfg.model.random_init:
+        raise ConfigError(
+            f"rm.init is unset and {sft} holds no SFT model, while model.random_init is true. Run `lastmile sft` "
+            "with the same output_dir first, or set rm.init to a model path."
+        )
+    return cfg.model.path
+
+
+def _mode_counts(pairs: list[Pair]) -> str:
+    counts: dict[str, int] = {}
+    for p in pairs:
+        counts[p.mode] = counts.get(p.mode, 0) + 1
+    return ", ".join(f"{m} {n}" for m, n in sorted(counts.items()))
+
+
+def negative_context(tokenizer, examples: list[Example]) -> NegativeContext:
+    vocab = [t for t in (tokenizer.decode([i]) for i in range(len(tokenizer))) if t.strip() and t.isprintable()]
+    return NegativeContext(others=examples, vocab=vocab,
+                           count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+
+
+def policy_negatives(cfg: Config, examples: list[Example], dist) -> list[Pair]:
+    """The policy's own sampled summaries whose ROUGE-L against the reference is low."""
+    path = cfg.rm.policy_negatives_model
+    tokenizer = load_tokenizer(replace(cfg.model, path=path, gguf_file=None, tokenizer_path=None))
+    lm, _ = load_causal_lm(cfg.model, dist.device, path=path)
+    prompts, _ = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
+    shard = list(range(dist.rank, len(prompts), dist.world_size))
+    gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
+    texts = generate(lm, tokenizer, [prompts[i] for i in shard], gen, dist.device, show_progress=dist.is_main,
+                     desc="policy samples")
+    out: list[str] = [""] * len(prompts)
+    for idx, txts in zip(distributed.gather_objects(shard), distributed.gather_objects(texts)):
+        for i, t in zip(idx, txts):
+            out[i] = t
+    scores = metrics.rouge_per_example(out, [list(e.references) for e in examples])["rougeL"]
+    return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, out, scores)
+            if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
+
+
+def encode_pairs(pairs: list[Pair], docs: dict[str, Example], builder: PromptBuilder) -> list[EncodedPair]:
+    prompt_cache: dict[str, tuple[int, ...]] = {}
+    out = []
+    for p in pairs:
+        if p.id not in prompt_cache:
+            prompt_cache[p.id] = tuple(builder.prompt_ids(docs[p.id].document)[0])
+        prompt = prompt_cache[p.id]
+        out.append(EncodedPair(prompt + _summary_ids(builder, p.chosen), prompt + _summary_ids(builder, p.rejected), p.mode))
+    return out
+
+
+def _summary_ids(builder: PromptBuilder, text: str) -> tuple[int, ...]:
+    return tuple(builder.response_ids(text)[0][:-1])  # drop EOS: see ScalarRewardModel
+
+
+def collate_sequences(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids (B, T) long and attention_mask (B, T) bool."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = True
+    return ids, mask
+
+
+def _total_steps(cfg: Config, n_pairs: int, plan: BatchPlan) -> int:
+    per_epoch = n_pairs // plan.global_batch
+    if per_epoch == 0:
+        raise ConfigError(f"rm.batch_size ({plan.global_batch}) is larger than the {n_pairs} training pairs. "
+                          "Lower rm.batch_size or raise rm.negatives_per_example.")
+    total = per_epoch * cfg.rm.epochs
+    return min(total, cfg.rm.max_steps) if cfg.rm.max_steps else total
+
+
+def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, cfg: Config, dist, pad_id: int) -> dict:
+    per_epoch = len(train) // plan.global_batch
+    epoch, within = divmod(step, per_epoch)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
+    per_rank = plan.micro_batch * plan.grad_accum
+    mine = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+    stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    for j in range(0, per_rank, plan.micro_batch):
+        batch = [train[i] for i in mine[j : j + plan.micro_batch]]
+        ids, mask = collate_sequences([p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
+        with distributed.autocast(cfg.precision, dist.device):
+            scores = engine(ids.to(dist.device), mask.to(dist.device))
+        n = len(batch)
+        loss, st = pairwise_loss(scores[:n], scores[n:], margin=cfg.rm.margin)
+        if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
+            raise UserError(f"rm loss became {float(loss)} (not finite) at step {step + 1}; the weights were not "
+                            "changed. Lower rm.lr or set precision=fp32.")
+        engine.backward(loss)
+        engine.step()
+        for k, v in (("loss", float(loss.detach())), ("accuracy", st["accuracy"]), ("margin", st["margin"])):
+            stats[k] += v / plan.grad_accum
+    return {f"rm/{k}": distributed.all_reduce_sum(v) / dist.world_size for k, v in stats.items()}
+
+
+def _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root) -> None:
+    bar = tqdm(total=total_steps, initial=state["step"], desc="reward-model", unit="step", disable=not dist.is_main)
+    engine.train()
+    while state["step"] < total_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed + state["step"])
+        m = rm_train_step(engine, train, state["step"], plan, cfg, dist, tokenizer.pad_token_id)
+        state["step"] += 1
+        m.update({"rm/lr": engine.get_lr()[0], "time/step_s": time.perf_counter() - t0})
+        state["history"].append((state["step"], m["rm/loss"], m["rm/accuracy"]))
+        if dist.is_main:
+            tracker.log_metrics(m, step=state["step"])
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['rm/loss']:.4f}", acc=f"{m['rm/accuracy']:.2f}")
+        stop = preemption.requested()
+        if (cfg.rm.save_every and state["step"] % cfg.rm.save_every == 0) or stop:
+            checkpoint.save_checkpoint(engine, ds, rm, tokenizer, state, ckpt_root, state["step"],
+                                       keep=cfg.rm.keep_checkpoints, prefix="rm.")
+        if stop:
+            bar.close()
+            raise preemption.Preempted(f"stopped at step {state['step']}; the next run resumes from the checkpoint")
+    bar.close()
+
+
+@torch.no_grad()
+def score_sequences(engine, seqs: list[tuple[int, ...]], micro: int, precision: str, dist, pad_id: int) -> list[float]:
+    """Scores in order. Ranks score interleaved shards with equal forward counts (ZeRO-3 needs it)."""
+    engine.eval()
+    mine = list(range(dist.rank, len(seqs), dist.world_size))
+    n_batches = -(-len(range(0, len(seqs), dist.world_size)) // micro)
+    out: list[float] = []
+    for b in range(n_batches):
+        idx = mine[b * micro : (b + 1) * micro]
+        ids, mask = collate_sequences([seqs[i] for i in idx] or [seqs[0]], pad_id)  # dummy keeps ranks in step
+        with distributed.autocast(precision, dist.device):
+            s = engine(ids.to(dist.device), mask.to(dist.device))
+        out.extend(s.tolist()[: len(idx)])
+    engine.train()
+    scores = [0.0] * len(seqs)
+    for idx, vals in zip(distributed.gather_objects(mine), distributed.gather_objects(out)):
+        for i, v in zip(idx, vals):
+            scores[i] = v
+    return scores
+
+
+def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder, dist) -> dict:
+    """Per-mode accuracy/AUROC on held-out examples, score distributions, and the most-fooling negatives."""
+    eval_ex = load_split(cfg.data, cfg.data.eval_split, cfg.rm.eval_examples or cfg.data.max_eval_examples)
+    docs = {e.id: e for e in eval_ex}
+    pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES, seed=cfg.seed + 1)
+    encoded = encode_pairs(pairs, docs, builder)
+    refs = [tuple(builder.prompt_ids(e.document)[0]) + _summary_ids(builder, e.summary) for e in eval_ex]
+    mle = _mle_outputs(Path(cfg.output_dir), docs)
+    mle_seqs = {name: [tuple(builder.prompt_ids(docs[i].document)[0]) + _summary_ids(builder, t) for i, t in rows]
+                for name, rows in mle.items()}
+    everything = refs + [p.rejected for p in encoded] + [s for seqs in mle_seqs.values() for s in seqs]
+    scores = score_sequences(engine, everything, cfg.rm.micro_batch_size, cfg.precision, dist, tokenizer.pad_token_id)
+    ref_scores = dict(zip((e.id for e in eval_ex), scores[: len(refs)]))
+    neg_scores = scores[len(refs) : len(refs) + len(encoded)]
+    per_mode = {}
+    for mode in FAILURE_MODES:
+        rows = [(ref_scores[p.id], s) for p, s in zip(pairs, neg_scores) if p.mode == mode]
+        if rows:
+            r, n = torch.tensor([x for x, _ in rows]), torch.tensor([y for _, y in rows])
+            per_mode[mode] = {"pairs": len(rows), "accuracy": float((r > n).float().mean()),
+                              "auroc": auroc(r, n), "mean_gap": float((r - n).mean())}
+    ref_t = torch.tensor(list(ref_scores.values()))
+    distributions = {"reference": list(ref_scores.values())}
+    offset = len(refs) + len(encoded)
+    for name, seqs in mle_seqs.items():
+        distributions[name] = scores[offset : offset + len(seqs)]
+        offset += len(seqs)
+    fooled = sorted(((s - ref_scores[p.id], p) for p, s in zip(pairs, neg_scores)), key=lambda x: -x[0])[:20]
+    return {
+        "n_examples": len(eval_ex),
+        "per_mode": per_mode,
+        "reward_stats": {"mean": float(ref_t.mean()), "std": float(ref_t.std()) if len(ref_t) > 1 else 1.0,
+                         "n": len(ref_t), "split": cfg.data.eval_split},
+        "score_means": {k: sum(v) / len(v) for k, v in distributions.items() if v},
+        "distributions": distributions,
+        "fooled": [{"gap": g, "id": p.id, "mode": p.mode, "reference": p.chosen, "negative": p.rejected}
+                   for g, p in fooled],
+    }
+
+
+def _mle_outputs(output_dir: Path, docs: dict[str, Example]) -> dict[str, list[tuple[str, str]]]:
+    """The evaluate stage's predictions of the MLE model, raw and post-processed, for these ids."""
+    out = {}
+    for name, file in (("mle_raw", "predictions-model.jsonl"), ("mle_post", "predictions-model+post.jsonl")):
+        path = output_dir / "eval" / file
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            out[name] = [(str(r["id"]), r["prediction"]) for r in rows if str(r["id"]) in docs and r["prediction"].strip()]
+    return out
+
+
+def _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root) -> None:
+    results = evaluate_reward_model(cfg, engine, tokenizer, builder, dist)
+    final = ckpt_root / f"step-{state['step']:07d}"
+    if not final.is_dir():
+        final = checkpoint.save_checkpoint(engine, ds, rm, tokenizer, state, ckpt_root, state["step"],
+                                           keep=cfg.rm.keep_checkpoints, prefix="rm.")
+    if not dist.is_main:
+        return
+    checkpoint.write_json_atomic(final / "model" / STATS_FILE, results["reward_stats"])
+    checkpoint.publish_model(final / "model", stage_dir / "model")
+    checkpoint.write_json_atomic(stage_dir / "results.json", results)
+    checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": state["run_id"], "stage": "reward_model"})
+    (stage_dir / "fooled.md").write_text(_fooled_table(results["fooled"]))
+    plot = plot_histograms(stage_dir / "scores.png", results["distributions"], title="Reward model scores (held out)",
+                           xlabel="score")
+    flat = {f"rm_eval/{mode}/{k}": v for mode, d in results["per_mode"].items() for k, v in d.items() if k != "pairs"}
+    flat.update({f"rm_eval/score_mean/{k}": v for k, v in results["score_means"].items()})
+    tracker.log_metrics(flat, step=state["step"])
+    for path in (stage_dir / "results.json", stage_dir / "fooled.md", plot):
+        tracker.log_artifact(path)
+    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
+    lines = [f"{'mode':<20}{'pairs':>7}{'accuracy':>10}{'auroc':>8}"]
+    lines += [f"{m:<20}{d['pairs']:>7}{d['accuracy']:>10.3f}{d['auroc']:>8.3f}" for m, d in results["per_mode"].items()]
+    print(f"Reward model on {results['n_examples']} held-out examples:\n" + "\n".join(lines), flush=True)
+
+
+def _fooled_table(rows: list[dict]) -> str:
+    def cell(t: str) -> str:
+        return t.replace("|", "\\|").replace("\n", " ")[:300]
+
+    head = "| score gap (neg - ref) | mode | id | negative | reference |\n|---|---|---|---|---|\n"
+    return head + "".join(f"| {r['gap']:+.3f} | {r['mode']} | {r['id']} | {cell(r['negative'])} | {cell(r['reference'])} |\n"
+                          for r in rows)
