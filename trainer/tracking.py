@@ -7,6 +7,7 @@ upstream stage's run; a resumed stage re-opens its own run (the id is kept in tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -94,6 +95,23 @@ class MlflowTracker:
 
     def end(self, status: str = "FINISHED") -> None:
         self._mlflow.end_run(status=status)
+
+
+@contextlib.contextmanager
+def closing(tracker: Tracker):
+    """End the run as FINISHED, as interrupted (a stop signal: it will resume), or as FAILED."""
+    from trainer import preemption
+
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    except preemption.Preempted:
+        status = INTERRUPTED
+        tracker.set_tags({"lastmile.status": "interrupted"})
+        raise
+    finally:
+        tracker.end(status)
 
 
 def _chunks(d: dict[str, Any], n: int):

@@ -51,18 +51,13 @@ def run(cfg: Config) -> dict:
     primary_model = None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg))
     upstream = tracking.upstream_run_id(cfg.output_dir, "sft")
     tracker = tracking.start(cfg, stage="evaluate", is_main=dist.is_main, upstream_run_id=upstream)
-    status = "FAILED"
-    try:
+    with tracking.closing(tracker):
         systems = _collect_systems(cfg, primary_model, examples, dist)
         if not dist.is_main:
-            status = "FINISHED"
             return {}
         results = score_systems(systems, examples, cfg)
         _write(stage_dir, cfg, systems, examples, results, tracker)
-        status = "FINISHED"
-        return results
-    finally:
-        tracker.end(status)
+    return results
 
 
 def _collect_systems(cfg: Config, primary_model: str | None, examples: list[Example], dist: DistInfo) -> list[System]:

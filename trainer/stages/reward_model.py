@@ -75,17 +75,9 @@ def run(cfg: Config) -> Path:
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
     state["run_id"] = tracker.run_id
     tracker.log_params({"runtime.attention": attn.implementation, "runtime.world_size": dist.world_size})
-    status = "FAILED"
-    try:
+    with tracking.closing(tracker):
         _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root)
         _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root)
-        status = "FINISHED"
-    except preemption.Preempted:
-        status = tracking.INTERRUPTED
-        tracker.set_tags({"lastmile.status": "interrupted"})
-        raise
-    finally:
-        tracker.end(status)
     return stage_dir / "model"
 
 

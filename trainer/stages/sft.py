@@ -79,17 +79,9 @@ def run(cfg: Config) -> Path:
                             "runtime.logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device)})
         tracker.log_metrics({"data/train_examples": len(train), "data/total_steps": total_steps,
                              "data/grad_accum": plan.grad_accum, "data/world_size": dist.world_size})
-    status = "FAILED"
-    try:
+    with tracking.closing(tracker):
         _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state, tracker, dist, ckpt_root)
         _finish(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist, stage_dir, ckpt_root)
-        status = "FINISHED"
-    except preemption.Preempted:
-        status = tracking.INTERRUPTED
-        tracker.set_tags({"lastmile.status": "interrupted"})
-        raise
-    finally:
-        tracker.end(status)
     return stage_dir / "model"
 
 
