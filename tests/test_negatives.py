@@ -111,3 +111,22 @@ def test_auroc_hand_values():
     assert auroc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert auroc(torch.tensor([1.0]), torch.tensor([1.0])) == 0.5
     assert auroc(torch.tensor([1.0, 3.0]), torch.tensor([2.0])) == 0.5
+
+
+def test_packed_reward_scores_equal_padded(tiny_lm, tmp_path):
+    """Padding-free packing for the reward model: one score per packed sequence, as padded."""
+    from transformers import AutoModelForSequenceClassification
+
+    from trainer.models import ScalarRewardModel
+    from trainer.stages.reward_model import collate_sequences, pack_sequences
+
+    tiny_lm.save_pretrained(tmp_path / "lm")
+    torch.manual_seed(0)
+    rm = ScalarRewardModel(AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=1)).eval()
+    seqs = [tuple(range(5, 25)), tuple(range(7, 12)), tuple(range(100, 103))]
+    ids, mask = collate_sequences(seqs, pad_id=2)
+    packed_ids, pos = pack_sequences(seqs)
+    with torch.no_grad():
+        padded = rm(ids, mask)
+        packed = rm(packed_ids, torch.ones_like(packed_ids, dtype=torch.bool), pos)
+    assert padded.shape == packed.shape == (3,) and torch.allclose(padded, packed, atol=1e-5)

@@ -29,7 +29,7 @@ def slurm_env():
     return {**os.environ, "SLURM_CONF": f"{PREFIX}/etc/slurm.conf", "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"}
 
 
-def _sbatch(env, out, *args, stages="sft evaluate"):
+def _sbatch(env, out, *args, stages="sft evaluate reward-model"):
     log = out / "job.out"
     cmd = ["sbatch", "--parsable", f"--output={log}", "slurm/rl_finetune.sh", str(TINY), f"output_dir={out}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**env, "LASTMILE_STAGES": stages}, capture_output=True, text=True,
@@ -57,6 +57,7 @@ def _wait(env, job_id, *, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", 
 
 
 def test_sbatch_runs_the_tiny_stages_with_two_tasks(slurm_env, tmp_path):
+    """SFT, evaluation and the reward model, each with 2 ranks (gloo), as one job."""
     job, log = _sbatch(slurm_env, tmp_path)
     info = _wait(slurm_env, job)
     text = log.read_text()
@@ -64,6 +65,8 @@ def test_sbatch_runs_the_tiny_stages_with_two_tasks(slurm_env, tmp_path):
     assert "2 ranks" in text and "ranks: 2" in text and "all stages done" in text
     assert (tmp_path / "sft/model/model.safetensors").is_file()
     assert json.loads((tmp_path / "eval/results.json").read_text())["n_examples"] == 8
+    rm = json.loads((tmp_path / "reward_model/results.json").read_text())
+    assert rm["n_examples"] == 8 and len(rm["per_mode"]) == 8  # scored by 2 ranks, gathered in order
 
 
 def test_preempted_job_resumes_in_the_same_mlflow_run(slurm_env, tmp_path):

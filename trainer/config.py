@@ -94,6 +94,9 @@ class TrainConfig:
     save_every: int = 50
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    packing: bool = False
+    """Pack each micro-batch into one row without padding (exact: block-diagonal attention on
+    SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
 
 
 @dataclass
@@ -107,9 +110,6 @@ class SFTConfig(TrainConfig):
     """Sample generations logged at each validation."""
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
     """Token log-prob implementation for the loss (kernels.logprob); `reference` materializes logits."""
-    packing: bool = False
-    """Pack each micro-batch into one row without padding (exact: block-diagonal attention on
-    SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
 
 
 FAILURE_MODES = ("random_tokens", "irrelevant", "shuffled_words", "shuffled_sentences", "repetition", "truncated",

@@ -244,8 +244,17 @@ class ScalarRewardModel(torch.nn.Module):
         super().__init__()
         self.rm = rm
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T), attention_mask (B, T) bool (right or left padded) -> scores (B,) fp32."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) bool (right or left padded) -> scores (B,) fp32.
+        Packed: input_ids (1, L) holding S sequences back to back, position_ids (1, L) restarting at 0
+        for each -> scores (S,)."""
+        if position_ids is not None:
+            hidden = self.rm.base_model(input_ids=input_ids, position_ids=position_ids,
+                                        use_cache=False).last_hidden_state[0]  # (L, H)
+            starts = (position_ids[0] == 0).nonzero().squeeze(-1)  # (S,)
+            last = torch.cat([starts[1:] - 1, starts.new_tensor([position_ids.shape[1] - 1])])
+            return self.rm.score(hidden[last]).squeeze(-1).float()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask.long(), position_ids=position_ids,
                                     use_cache=False).last_hidden_state  # (B, T, H)

@@ -153,6 +153,13 @@ def collate_sequences(seqs: list[tuple[int, ...]], pad_id: int) -> tuple[torch.T
     return ids, mask
 
 
+def pack_sequences(seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row without padding: input_ids (1, L) and position_ids (1, L) restarting per sequence."""
+    ids = [t for s in seqs for t in s]
+    pos = [i for s in seqs for i in range(len(s))]
+    return torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
+
+
 def _total_steps(cfg: Config, n_pairs: int, plan: BatchPlan) -> int:
     per_epoch = n_pairs // plan.global_batch
     if per_epoch == 0:
@@ -170,11 +177,19 @@ def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, 
     per_rank = plan.micro_batch * plan.grad_accum
     mine = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
     stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
+    real = processed = 0
     for j in range(0, per_rank, plan.micro_batch):
         batch = [train[i] for i in mine[j : j + plan.micro_batch]]
-        ids, mask = collate_sequences([p.chosen for p in batch] + [p.rejected for p in batch], pad_id)
+        seqs = [p.chosen for p in batch] + [p.rejected for p in batch]
         with distributed.autocast(cfg.precision, dist.device):
-            scores = engine(ids.to(dist.device), mask.to(dist.device))
+            if cfg.rm.packing:
+                ids, pos = pack_sequences(seqs)
+                scores = engine(ids.to(dist.device), torch.ones_like(ids, dtype=torch.bool).to(dist.device),
+                                pos.to(dist.device))
+            else:
+                ids, mask = collate_sequences(seqs, pad_id)
+                scores = engine(ids.to(dist.device), mask.to(dist.device))
+        real, processed = real + sum(len(x) for x in seqs), processed + ids.numel()
         n = len(batch)
         loss, st = pairwise_loss(scores[:n], scores[n:], margin=cfg.rm.margin)
         if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
@@ -184,7 +199,9 @@ def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, 
         engine.step()
         for k, v in (("loss", float(loss.detach())), ("accuracy", st["accuracy"]), ("margin", st["margin"])):
             stats[k] += v / plan.grad_accum
-    return {f"rm/{k}": distributed.all_reduce_sum(v) / dist.world_size for k, v in stats.items()}
+    out = {f"rm/{k}": distributed.all_reduce_sum(v) / dist.world_size for k, v in stats.items()}
+    out["perf/padding_fraction"] = 1 - distributed.all_reduce_sum(real) / distributed.all_reduce_sum(processed)
+    return out
 
 
 def _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root) -> None:

@@ -149,6 +149,8 @@ def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision
 def _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state: SFTState, tracker, dist,
                 ckpt_root: Path) -> None:
     s = cfg.sft
+    if state.step == 0 and s.eval_every:  # the untuned model's validation loss: the baseline of the curve
+        _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
     bar = tqdm(total=total_steps, initial=state.step, desc="sft", unit="step", disable=not dist.is_main)
     engine.train()
     while state.step < total_steps:
