@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,3 +167,14 @@ def test_tiny_reward_model_learns_and_round_trips(tiny_sft_run):
     rm_run = runs[runs["tags.lastmile.stage"] == "reward_model"].iloc[0]
     assert rm_run["metrics.rm_eval/random_tokens/accuracy"] == pytest.approx(res["per_mode"]["random_tokens"]["accuracy"])
     assert rm_run["status"] == "FINISHED" and rm_run["tags.lastmile.upstream_run_id"]
+
+
+def test_policy_negatives_from_the_sft_model(tiny_sft_run, tmp_path):
+    """The SFT model's own low-ROUGE samples join the training pairs as mode `policy`."""
+    model = tiny_sft_run / "sft" / "model"
+    proc = run_cli("reward-model", "--config", str(TINY), f"output_dir={tmp_path}", f"rm.init={model}",
+                   f"rm.policy_negatives_model={model}", "rm.max_steps=2", "rm.eval_examples=2",
+                   "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = re.search(r"training pairs \((.*?)\)", proc.stderr).group(1)
+    assert re.search(r"policy (\d+)", counts) and int(re.search(r"policy (\d+)", counts).group(1)) > 0
