@@ -68,3 +68,21 @@ def test_batch_plan_exact_division():
 def test_ds_config_contradiction_is_refused():
     with pytest.raises(ConfigError, match="train_batch_size \\(32\\)"):
         fill_ds_config({"train_batch_size": 32}, plan_batches(8, 2, 1), max_grad_norm=1.0, hidden_size=8)
+
+
+def test_micro_batch_indices_partition_each_step():
+    """Ranks x micro-batches cover each step's global batch exactly once; an epoch covers the data
+    without repeats; the order depends only on (seed, epoch)."""
+    from trainer.data.sampling import micro_batch_indices
+
+    plan = plan_batches(8, 2, 2)  # 2 ranks x 2 micro-batches of 2
+    epoch = []
+    for step in range(3):  # 25 items -> 3 full steps per epoch
+        per_rank = [micro_batch_indices(25, step, plan, rank=r, seed=1) for r in range(2)]
+        assert all(len(groups) == 2 and all(len(g) == 2 for g in groups) for groups in per_rank)
+        flat = [i for groups in per_rank for g in groups for i in g]
+        assert len(set(flat)) == 8
+        epoch += flat
+    assert len(set(epoch)) == 24
+    assert micro_batch_indices(25, 1, plan, rank=0, seed=1) == micro_batch_indices(25, 1, plan, rank=0, seed=1)
+    assert micro_batch_indices(25, 3, plan, rank=0, seed=1) != micro_batch_indices(25, 0, plan, rank=0, seed=1)

@@ -27,9 +27,11 @@ from tqdm.auto import tqdm
 from trainer import checkpoint, distributed, metrics, preemption, tracking
 from trainer.algorithms.losses import auroc, pairwise_loss
 from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches, to_yaml
+from trainer.data import sampling
 from trainer.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
 from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
+from trainer.data.sampling import micro_batch_indices
 from trainer.errors import ConfigError, UserError
 from trainer.generation import generate
 from trainer.models import ScalarRewardModel, load_causal_lm, load_reward_backbone, load_tokenizer
@@ -62,7 +64,7 @@ def run(cfg: Config) -> Path:
         pairs += policy_negatives(cfg, train_ex, dist)
     train = encode_pairs(pairs, {e.id: e for e in train_ex}, builder)
     plan = plan_batches(cfg.rm.batch_size, cfg.rm.micro_batch_size, dist.world_size, field_prefix="rm")
-    total_steps = _total_steps(cfg, len(train), plan)
+    total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
 
     rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id)
     engine, ds = distributed.engine_for(ScalarRewardModel(rm), cfg.rm, plan, total_steps=total_steps,
@@ -160,26 +162,11 @@ def pack_sequences(seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
 
 
-def _total_steps(cfg: Config, n_pairs: int, plan: BatchPlan) -> int:
-    per_epoch = n_pairs // plan.global_batch
-    if per_epoch == 0:
-        raise ConfigError(f"rm.batch_size ({plan.global_batch}) is larger than the {n_pairs} training pairs. "
-                          "Lower rm.batch_size or raise rm.negatives_per_example.")
-    total = per_epoch * cfg.rm.epochs
-    return min(total, cfg.rm.max_steps) if cfg.rm.max_steps else total
-
-
 def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, cfg: Config, dist, pad_id: int) -> dict:
-    per_epoch = len(train) // plan.global_batch
-    epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-    idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
-    per_rank = plan.micro_batch * plan.grad_accum
-    mine = idx[dist.rank * per_rank : (dist.rank + 1) * per_rank]
     stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     real = processed = 0
-    for j in range(0, per_rank, plan.micro_batch):
-        batch = [train[i] for i in mine[j : j + plan.micro_batch]]
+    for group in micro_batch_indices(len(train), step, plan, rank=dist.rank, seed=cfg.seed):
+        batch = [train[i] for i in group]
         seqs = [p.chosen for p in batch] + [p.rejected for p in batch]
         with distributed.autocast(cfg.precision, dist.device):
             if cfg.rm.packing:

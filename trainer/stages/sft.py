@@ -22,11 +22,13 @@ from kernels.logprob import resolve_impl
 from trainer import checkpoint, distributed, preemption, tracking
 from trainer.algorithms.losses import sft_loss
 from trainer.config import BatchPlan, Config, plan_batches, to_yaml
+from trainer.data import sampling
 from trainer.data.collate import SFTBatch, collate_packed, collate_sft
 from trainer.data.prompts import PromptBuilder, TokenizedExample
 from trainer.data.records import load_split
+from trainer.data.sampling import micro_batch_indices
 from trainer.distributed import DistInfo
-from trainer.errors import ConfigError, UserError
+from trainer.errors import UserError
 from trainer.generation import generate
 from trainer.models import TokenLogprobModel, count_parameters, load_causal_lm, load_tokenizer
 from trainer.plots import plot_curves
@@ -57,7 +59,7 @@ def run(cfg: Config) -> Path:
     tokenizer = load_tokenizer(cfg.model)
     train, val = _load_data(cfg, tokenizer, dist)
     plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
-    total_steps = _total_steps(cfg, len(train), plan)
+    total_steps = sampling.total_steps(cfg.sft, len(train), plan, field_prefix="sft", unit="examples")
 
     lm, attn = load_causal_lm(cfg.model, dist.device)
     if dist.is_main:
@@ -96,28 +98,12 @@ def _load_data(cfg: Config, tokenizer, dist: DistInfo) -> tuple[list[TokenizedEx
     return train, val
 
 
-def _total_steps(cfg: Config, n_train: int, plan: BatchPlan) -> int:
-    steps_per_epoch = n_train // plan.global_batch
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"sft.batch_size ({plan.global_batch}) is larger than the training set ({n_train} examples). "
-            "An optimizer step needs a full batch. Lower sft.batch_size or add data."
-        )
-    total = steps_per_epoch * cfg.sft.epochs
-    return min(total, cfg.sft.max_steps) if cfg.sft.max_steps else total
-
-
 def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan, rank: int, seed: int,
                        pad_id: int, *, packing: bool = False) -> list[SFTBatch]:
-    """This rank's micro-batches for a global step; the order depends only on (seed, step)."""
-    steps_per_epoch = len(train) // plan.global_batch
-    epoch, within = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    step_idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
-    per_rank = plan.micro_batch * plan.grad_accum
-    mine = step_idx[rank * per_rank : (rank + 1) * per_rank]
-    groups = [[train[i] for i in mine[j : j + plan.micro_batch]] for j in range(0, per_rank, plan.micro_batch)]
-    return [collate_packed(g) if packing else collate_sft(g, pad_id) for g in groups]
+    """This rank's collated micro-batches for a global step."""
+    groups = micro_batch_indices(len(train), step, plan, rank=rank, seed=seed)
+    return [collate_packed([train[i] for i in g]) if packing else collate_sft([train[i] for i in g], pad_id)
+            for g in groups]
 
 
 def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision: str, device: torch.device) -> dict[str, float]:
