@@ -86,3 +86,13 @@ def test_micro_batch_indices_partition_each_step():
     assert len(set(epoch)) == 24
     assert micro_batch_indices(25, 1, plan, rank=0, seed=1) == micro_batch_indices(25, 1, plan, rank=0, seed=1)
     assert micro_batch_indices(25, 3, plan, rank=0, seed=1) != micro_batch_indices(25, 0, plan, rank=0, seed=1)
+
+
+def test_relative_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
+    from trainer.config import PROJECT_ROOT, resolve_local_path
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_local_path("pyproject.toml") == PROJECT_ROOT / "pyproject.toml"
+    (tmp_path / "pyproject.toml").write_text("")
+    assert resolve_local_path("pyproject.toml") == tmp_path / "pyproject.toml"  # the working directory wins
+    assert resolve_local_path("no/such/dir") is None

@@ -350,7 +350,7 @@ def validate(cfg: Config) -> list[str]:
         p.append("output_dir ('') must name a folder. Runs write models, checkpoints and metrics there.")
     if not cfg.data.source:
         p.append("data.source ('') must name a dataset: aclsum, hub:<name>, or a local folder.")
-    elif not (cfg.data.source == "aclsum" or cfg.data.source.startswith("hub:") or Path(cfg.data.source).exists()):
+    elif not (cfg.data.source == "aclsum" or cfg.data.source.startswith("hub:") or resolve_local_path(cfg.data.source)):
         p.append(
             f"data.source ({cfg.data.source}) is neither 'aclsum', 'hub:<name>' nor an existing folder. "
             "Point it at a folder holding train.jsonl/validation.jsonl, or use hub:<dataset name>."
@@ -381,6 +381,15 @@ def _get_dotted(cfg: Any, dotted: str) -> Any:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_local_path(path: str) -> Path | None:
+    """A relative path as given (from the working directory), else from the project root, so that
+    presets naming ../shared/... work from any directory. None when neither exists."""
+    for candidate in (Path(path), PROJECT_ROOT / path):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def resolve_ds_config_path(name: str) -> Path:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from trainer.config import DataConfig
+from trainer.config import DataConfig, resolve_local_path
 from trainer.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -84,10 +84,10 @@ def _nonempty_text(v: Any) -> bool:
 
 
 def _local_file(source: str, split: str) -> Path:
-    direct = Path(split)
-    if direct.suffix in LOCAL_SUFFIXES and direct.is_file():
+    direct = resolve_local_path(split)
+    if direct is not None and direct.suffix in LOCAL_SUFFIXES and direct.is_file():
         return direct
-    folder = Path(source)
+    folder = resolve_local_path(source) or Path(source)
     for suffix in LOCAL_SUFFIXES:
         if (folder / f"{split}{suffix}").is_file():
             return folder / f"{split}{suffix}"
