@@ -94,5 +94,5 @@ def test_relative_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_local_path("pyproject.toml") == PROJECT_ROOT / "pyproject.toml"
     (tmp_path / "pyproject.toml").write_text("")
-    assert resolve_local_path("pyproject.toml") == tmp_path / "pyproject.toml"  # the working directory wins
+    assert resolve_local_path("pyproject.toml").resolve() == tmp_path / "pyproject.toml"  # the working dir wins
     assert resolve_local_path("no/such/dir") is None
