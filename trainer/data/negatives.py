@@ -41,27 +41,24 @@ def irrelevant(ex: Example, ctx: NegativeContext, rng: random.Random) -> str | N
 
 def shuffled_words(ex: Example, ctx: NegativeContext, rng: random.Random) -> str | None:
     """The reference's words in random order (a permutation that differs from the original)."""
-    words = ex.summary.split()
-    if len(set(words)) < 2:
-        return None
-    for _ in range(10):
-        perm = words[:]
-        rng.shuffle(perm)
-        if perm != words:
-            return " ".join(perm)
-    return None
+    perm = _permuted(ex.summary.split(), rng)
+    return " ".join(perm) if perm else None
 
 
 def shuffled_sentences(ex: Example, ctx: NegativeContext, rng: random.Random) -> str | None:
     """The reference's sentences in another order (needs two or more distinct sentences)."""
-    sents = _SENT_SPLIT.split(ex.summary.strip())
-    if len(set(sents)) < 2:
+    perm = _permuted(_SENT_SPLIT.split(ex.summary.strip()), rng)
+    return " ".join(perm) if perm else None
+
+
+def _permuted(items: list[str], rng: random.Random) -> list[str] | None:
+    if len(set(items)) < 2:
         return None
     for _ in range(10):
-        perm = sents[:]
+        perm = items[:]
         rng.shuffle(perm)
-        if perm != sents:
-            return " ".join(perm)
+        if perm != items:
+            return perm
     return None
 
 

@@ -62,7 +62,7 @@ def run(cfg: Config) -> Path:
                        per_example=cfg.rm.negatives_per_example, seed=cfg.seed)
     if cfg.rm.policy_negatives_model:
         pairs += policy_negatives(cfg, train_ex, dist)
-    train = encode_pairs(pairs, {e.id: e for e in train_ex}, builder)
+    train = encode_pairs(pairs, prompt_ids_by_id(train_ex, builder), builder)
     plan = plan_batches(cfg.rm.batch_size, cfg.rm.micro_batch_size, dist.world_size, field_prefix="rm")
     total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
 
@@ -129,15 +129,13 @@ def policy_negatives(cfg: Config, examples: list[Example], dist) -> list[Pair]:
             if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
 
 
-def encode_pairs(pairs: list[Pair], docs: dict[str, Example], builder: PromptBuilder) -> list[EncodedPair]:
-    prompt_cache: dict[str, tuple[int, ...]] = {}
-    out = []
-    for p in pairs:
-        if p.id not in prompt_cache:
-            prompt_cache[p.id] = tuple(builder.prompt_ids(docs[p.id].document)[0])
-        prompt = prompt_cache[p.id]
-        out.append(EncodedPair(prompt + _summary_ids(builder, p.chosen), prompt + _summary_ids(builder, p.rejected), p.mode))
-    return out
+def prompt_ids_by_id(examples: list[Example], builder: PromptBuilder) -> dict[str, tuple[int, ...]]:
+    return {e.id: tuple(builder.prompt_ids(e.document)[0]) for e in examples}
+
+
+def encode_pairs(pairs: list[Pair], prompts: dict[str, tuple[int, ...]], builder: PromptBuilder) -> list[EncodedPair]:
+    return [EncodedPair(prompts[p.id] + _summary_ids(builder, p.chosen), prompts[p.id] + _summary_ids(builder, p.rejected),
+                        p.mode) for p in pairs]
 
 
 def _summary_ids(builder: PromptBuilder, text: str) -> tuple[int, ...]:
@@ -239,13 +237,12 @@ def score_sequences(engine, seqs: list[tuple[int, ...]], micro: int, precision: 
 def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder, dist) -> dict:
     """Per-mode accuracy/AUROC on held-out examples, score distributions, and the most-fooling negatives."""
     eval_ex = load_split(cfg.data, cfg.data.eval_split, cfg.rm.eval_examples or cfg.data.max_eval_examples)
-    docs = {e.id: e for e in eval_ex}
+    prompts = prompt_ids_by_id(eval_ex, builder)
     pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES, seed=cfg.seed + 1)
-    encoded = encode_pairs(pairs, docs, builder)
-    refs = [tuple(builder.prompt_ids(e.document)[0]) + _summary_ids(builder, e.summary) for e in eval_ex]
-    mle = _mle_outputs(Path(cfg.output_dir), docs)
-    mle_seqs = {name: [tuple(builder.prompt_ids(docs[i].document)[0]) + _summary_ids(builder, t) for i, t in rows]
-                for name, rows in mle.items()}
+    encoded = encode_pairs(pairs, prompts, builder)
+    refs = [prompts[e.id] + _summary_ids(builder, e.summary) for e in eval_ex]
+    mle = _mle_outputs(Path(cfg.output_dir), set(prompts))
+    mle_seqs = {name: [prompts[i] + _summary_ids(builder, t) for i, t in rows] for name, rows in mle.items()}
     everything = refs + [p.rejected for p in encoded] + [s for seqs in mle_seqs.values() for s in seqs]
     scores = score_sequences(engine, everything, cfg.rm.micro_batch_size, cfg.precision, dist, tokenizer.pad_token_id)
     ref_scores = dict(zip((e.id for e in eval_ex), scores[: len(refs)]))
@@ -276,14 +273,14 @@ def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder
     }
 
 
-def _mle_outputs(output_dir: Path, docs: dict[str, Example]) -> dict[str, list[tuple[str, str]]]:
+def _mle_outputs(output_dir: Path, ids: set[str]) -> dict[str, list[tuple[str, str]]]:
     """The evaluate stage's predictions of the MLE model, raw and post-processed, for these ids."""
     out = {}
     for name, file in (("mle_raw", "predictions-model.jsonl"), ("mle_post", "predictions-model+post.jsonl")):
         path = output_dir / "eval" / file
         if path.is_file():
             rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            out[name] = [(str(r["id"]), r["prediction"]) for r in rows if str(r["id"]) in docs and r["prediction"].strip()]
+            out[name] = [(str(r["id"]), r["prediction"]) for r in rows if str(r["id"]) in ids and r["prediction"].strip()]
     return out
 
 
