@@ -5,7 +5,7 @@
 #   sbatch --nodes=2 --ntasks-per-node=8 --gpus-per-node=8 slurm/rl_finetune.sh my.yaml output_dir=/shared/run1
 #   LASTMILE_STAGES="sft" sbatch slurm/rl_finetune.sh my.yaml ...        # a single stage
 #
-# Arguments: a config path, then dotted overrides. Stages: $LASTMILE_STAGES (default "sft evaluate reward-model").
+# Arguments: a config path, then dotted overrides. Stages: $LASTMILE_STAGES (default "pipeline": SFT, reward model, PPO and the report).
 # No hyperparameters here: they live in the config. Preemption: on SIGUSR1 (sent --signal seconds
 # before the time limit, or by `scancel --signal=USR1 --batch`) or SIGTERM (preemption, `scontrol
 # requeue`), the trainer finishes its step, checkpoints, exits 75, and this script requeues the job;
@@ -23,7 +23,7 @@ set -uo pipefail
 
 CONFIG=${1:?usage: sbatch slurm/rl_finetune.sh CONFIG [key=value ...]}
 shift
-STAGES=${LASTMILE_STAGES:-sft evaluate reward-model}
+STAGES=${LASTMILE_STAGES:-pipeline}
 cd "${SLURM_SUBMIT_DIR:-.}"
 VENV=${LASTMILE_VENV:-.venv}
 [ -f "$VENV/bin/activate" ] && . "$VENV/bin/activate"

@@ -39,11 +39,12 @@ def test_tiny_evaluate_and_mlflow_contents(tiny_sft_run):
     out = tiny_sft_run
     proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "eval" / "results.json").read_text())
+    results = json.loads((out / "eval" / "sft" / "results.json").read_text())
+    assert "eval/sft/results.json" in proc.stdout
     assert results["n_examples"] == 8 and set(results["systems"]) == {"model", "model+post"}
     assert {"rougeL", "la_rougeL", "semantic", "len/pred_words_mean"} <= set(results["systems"]["model"])
     assert set(results["comparisons"]) == {"model+post - model"}
-    assert len((out / "eval" / "samples.jsonl").read_text().splitlines()) == 8
+    assert len((out / "eval" / "sft" / "samples.jsonl").read_text().splitlines()) == 8
 
     runs = _mlflow_runs(out)
     by_stage = {r["tags.lastmile.stage"]: r for _, r in runs.iterrows()}
@@ -53,7 +54,9 @@ def test_tiny_evaluate_and_mlflow_contents(tiny_sft_run):
     assert sft["params.runtime.attention"] == "sdpa" and sft["params.runtime.logprob_impl"] == "chunked"
     assert ev["tags.lastmile.upstream_run_id"] == sft["run_id"]
     assert ev["tags.lastmile.pipeline_id"] == sft["tags.lastmile.pipeline_id"]
-    assert 0 <= ev["metrics.eval/rougeL"] <= 1 and "metrics.eval/model_post/rougeL" in runs.columns
+    assert 0 <= ev["metrics.eval/model/rougeL"] <= 1 and "metrics.eval/model_post/rougeL" in runs.columns
+    assert ev["tags.mlflow.runName"] == "evaluate:sft" and sft["tags.mlflow.runName"] == "sft"
+    assert "metrics.eval/delta/model_post_vs_model/rougeL_lo" in runs.columns
     import mlflow
 
     history = mlflow.MlflowClient().get_metric_history(sft["run_id"], "sft/loss")
@@ -67,14 +70,24 @@ def test_predictions_file_scoring_and_missing_ids(tiny_sft_run, tmp_path):
     from trainer.config import DataConfig
     from trainer.data.records import load_split
 
-    val = load_split(DataConfig(), "validation")[:8]
+    val = load_split(DataConfig(), "test")[:8]
     preds.write_text("".join(json.dumps({"id": e.id, "prediction": e.summary}) + "\n" for e in val))
     out = tmp_path / "scored"
     proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}",
                    "eval.semantic_model=none")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    res = json.loads((out / "eval" / "results.json").read_text())
+    first = next((out / "eval").glob("predictions-*"))
+    res = json.loads((first / "results.json").read_text())
     assert res["systems"]["model"]["rougeL"] == pytest.approx(1.0)  # the references themselves
+    # a changed predictions file is scored anew, in its own folder; the first result stays
+    preds.write_text("".join(json.dumps({"id": e.id, "prediction": "x y z"}) + "\n" for e in val))
+    proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}",
+                   "eval.semantic_model=none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    folders = sorted((out / "eval").glob("predictions-*"))
+    assert len(folders) == 2 and json.loads((first / "results.json").read_text())["systems"]["model"]["rougeL"] == 1.0
+    other = next(f for f in folders if f != first)
+    assert json.loads((other / "results.json").read_text())["systems"]["model"]["rougeL"] < 0.2
     preds.write_text(json.dumps({"id": val[0].id, "prediction": "x"}) + "\n")
     proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}")
     assert proc.returncode == 2 and "no prediction for 7 of 8" in proc.stderr and "Traceback" not in proc.stderr

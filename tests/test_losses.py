@@ -1,6 +1,6 @@
 import torch
 
-from trainer.algorithms.losses import masked_mean, masked_sum, sft_loss
+from trainer.algorithms.losses import masked_mean, masked_sum, token_mean_loss
 
 
 def test_masked_reductions_hand_values():
@@ -10,13 +10,13 @@ def test_masked_reductions_hand_values():
     assert masked_mean(v, torch.zeros_like(m)) == 0.0
 
 
-def test_sft_loss_only_counts_target_tokens():
+def test_token_mean_loss_only_counts_target_tokens():
     logp = torch.tensor([[-1.0, -2.0, -100.0], [-0.5, -100.0, -100.0]])
     mask = torch.tensor([[True, True, False], [True, False, False]])
-    loss = sft_loss(-masked_sum(logp, mask), global_tokens=3, grad_accum=1, world_size=1)
+    loss = token_mean_loss(-masked_sum(logp, mask), global_tokens=3, grad_accum=1, world_size=1)
     assert torch.isclose(loss, torch.tensor(3.5 / 3))
     # 2 accumulation steps x 2 ranks: the scale DeepSpeed divides out is multiplied back in.
-    assert torch.isclose(sft_loss(torch.tensor(3.5), global_tokens=7, grad_accum=2, world_size=2), torch.tensor(2.0))
+    assert torch.isclose(token_mean_loss(torch.tensor(3.5), global_tokens=7, grad_accum=2, world_size=2), torch.tensor(2.0))
 
 
 def test_micro_batching_gives_the_same_gradient():
@@ -31,11 +31,11 @@ def test_micro_batching_gives_the_same_gradient():
         return torch.nn.functional.logsigmoid(x[rows] @ w)
 
     total = int(mask.sum())
-    loss = sft_loss(-masked_sum(logp(slice(0, 4)), mask), global_tokens=total, grad_accum=1, world_size=1)
+    loss = token_mean_loss(-masked_sum(logp(slice(0, 4)), mask), global_tokens=total, grad_accum=1, world_size=1)
     (g_full,) = torch.autograd.grad(loss, w)
     g_acc = torch.zeros(5)
     for r in range(4):
-        loss = sft_loss(-masked_sum(logp(slice(r, r + 1)), mask[r : r + 1]), global_tokens=total, grad_accum=4,
+        loss = token_mean_loss(-masked_sum(logp(slice(r, r + 1)), mask[r : r + 1]), global_tokens=total, grad_accum=4,
                         world_size=1)
         (g,) = torch.autograd.grad(loss / 4, w)  # what DeepSpeed's backward does with 4 accumulation steps
         g_acc += g

@@ -29,11 +29,12 @@ def slurm_env():
     return {**os.environ, "SLURM_CONF": f"{PREFIX}/etc/slurm.conf", "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"}
 
 
-def _sbatch(env, out, *args, stages="sft evaluate reward-model"):
+def _sbatch(env, out, *args, stages=None):
+    """stages=None: the script's default (the whole pipeline)."""
     log = out / "job.out"
     cmd = ["sbatch", "--parsable", f"--output={log}", "slurm/rl_finetune.sh", str(TINY), f"output_dir={out}", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "LASTMILE_STAGES": stages}, capture_output=True, text=True,
-                          check=True)
+    env = {k: v for k, v in env.items() if k != "LASTMILE_STAGES"} | ({"LASTMILE_STAGES": stages} if stages else {})
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return proc.stdout.strip().split(";")[0], log
 
 
@@ -56,15 +57,16 @@ def _wait(env, job_id, *, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", 
     raise AssertionError(f"job {job_id} still {_job(env, job_id).get('JobState')} after {timeout} s")
 
 
-def test_sbatch_runs_the_tiny_stages_with_two_tasks(slurm_env, tmp_path):
-    """SFT, evaluation and the reward model, each with 2 ranks (gloo), as one job."""
+def test_sbatch_runs_the_tiny_pipeline_with_two_tasks(slurm_env, tmp_path):
+    """The script's default: the whole pipeline (SFT, reward model, PPO, report), 2 ranks (gloo), one job."""
     job, log = _sbatch(slurm_env, tmp_path)
     info = _wait(slurm_env, job)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", text[-3000:]
-    assert "2 ranks" in text and "ranks: 2" in text and "all stages done" in text
+    assert "2 ranks" in text and "ranks: 2" in text and "all stages done: pipeline" in text
     assert (tmp_path / "sft/model/model.safetensors").is_file()
-    assert json.loads((tmp_path / "eval/results.json").read_text())["n_examples"] == 8
+    assert (tmp_path / "ppo/model/model.safetensors").is_file() and "world_size 2" in text
+    assert json.loads((tmp_path / "report/results.json").read_text())["n_examples"] == 8
     rm = json.loads((tmp_path / "reward_model/results.json").read_text())
     assert rm["n_examples"] == 8 and len(rm["per_mode"]) == 8  # scored by 2 ranks, gathered in order
 
@@ -97,7 +99,7 @@ def test_preempted_job_resumes_in_the_same_mlflow_run(slurm_env, tmp_path):
 
 
 def test_a_bad_config_fails_the_job_with_the_trainers_message(slurm_env, tmp_path):
-    job, log = _sbatch(slurm_env, tmp_path, "sft.lrr=1")
+    job, log = _sbatch(slurm_env, tmp_path, "sft.lrr=1", stages="sft")
     info = _wait(slurm_env, job)
     text = log.read_text()
     assert info["JobState"] == "FAILED"

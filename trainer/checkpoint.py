@@ -65,9 +65,10 @@ def save_hf_model(lm, tokenizer, state_dict: dict[str, torch.Tensor], dest: Path
 
 
 def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any], root: Path, step: int, *, keep: int,
-                    prefix: str = "lm.") -> Path:
+                    prefix: str = "lm.", extra_engines: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. `lm` is the Hugging Face model inside the engine's module,
-    under attribute `prefix`. Returns the final checkpoint folder."""
+    under attribute `prefix`; `extra_engines` (tag -> engine, e.g. PPO's critic) are saved beside it
+    in the same atomic folder. Returns the final checkpoint folder."""
     final = root / f"step-{step:07d}"
     partial = root / f"step-{step:07d}.partial"
     is_main = torch.distributed.get_rank() == 0
@@ -76,6 +77,8 @@ def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any
         partial.mkdir(parents=True)
     distributed.barrier()
     engine.save_checkpoint(str(partial), tag="engine", save_latest=False)
+    for tag, extra in (extra_engines or {}).items():
+        extra.save_checkpoint(str(partial), tag=tag, save_latest=False)
     sd = distributed.consolidated_state_dict(engine, ds_config)
     if is_main:
         save_hf_model(lm, tokenizer, sd, partial / "model", prefix=prefix)
@@ -95,13 +98,14 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load_checkpoint(engine, folder: Path) -> dict[str, Any]:
-    """Restore engine (weights, optimizer, scheduler) and return the trainer state."""
-    engine.load_checkpoint(str(folder), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
+def load_checkpoint(engine, folder: Path, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Restore engines (weights, optimizer, scheduler) and return the trainer state."""
+    for tag, eng in {"engine": engine, **(extra_engines or {})}.items():
+        eng.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     return json.loads((folder / STATE_FILE).read_text())
 
 
-def resume(engine, root: Path, *, is_main: bool) -> dict[str, Any] | None:
+def resume(engine, root: Path, *, is_main: bool, extra_engines: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Clear leftovers of a killed save, then load the newest complete checkpoint if there is one
     (collective). Returns its trainer state, or None for a fresh start."""
     if is_main:
@@ -112,7 +116,7 @@ def resume(engine, root: Path, *, is_main: bool) -> dict[str, Any] | None:
         return None
     if is_main:
         log.info("resuming from %s", latest)
-    return load_checkpoint(engine, latest)
+    return load_checkpoint(engine, latest, extra_engines)
 
 
 def publish_model(src: Path, dest: Path) -> None:
@@ -130,14 +134,3 @@ def publish_model(src: Path, dest: Path) -> None:
 
 
 DONE_FILE = "DONE.json"
-
-
-def stage_complete(stage_dir: Path, resolved_config: str) -> bool:
-    """True when this stage already finished with exactly this resolved config (a requeued job
-    skips it); any config change runs it again (SFT then resumes from its newest checkpoint)."""
-    path = stage_dir / DONE_FILE
-    return path.is_file() and json.loads(path.read_text()).get("config") == resolved_config
-
-
-def mark_complete(stage_dir: Path, resolved_config: str) -> None:
-    write_json_atomic(stage_dir / DONE_FILE, {"config": resolved_config})

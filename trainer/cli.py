@@ -16,6 +16,8 @@ def _parser() -> argparse.ArgumentParser:
         ("sft", "supervised fine-tuning (MLE baseline)"),
         ("evaluate", "generate and score summaries (ROUGE, la-ROUGE, semantic similarity, bootstrap)"),
         ("reward-model", "train a reward model on synthetic failure-mode negatives; per-mode evaluation"),
+        ("ppo", "RL fine-tuning with PPO against the hybrid reward (reward model + reference metric)"),
+        ("pipeline", "SFT -> reward model -> PPO -> evaluation and the MLE-vs-RL report, one MLflow parent run"),
         ("validate", "check a config and print it resolved"),
     ):
         s = sub.add_parser(name, help=help_text)
@@ -66,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.stages import reward_model
 
             reward_model.run(cfg)
+        elif args.command == "ppo":
+            from trainer.stages import ppo
+
+            ppo.run(cfg)
+        elif args.command == "pipeline":
+            from trainer import pipeline
+
+            pipeline.run(cfg)
         return 0
     except UserError as e:
         print(f"lastmile {args.command}: error: {e}", file=sys.stderr, flush=True)

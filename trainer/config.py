@@ -52,7 +52,11 @@ class DataConfig:
     train_split: str = "train"
     """Split name, or a path to a JSONL/CSV/Parquet file."""
     eval_split: str = "validation"
-    """Split name, or a path to a JSONL/CSV/Parquet file. Never the data a run was tuned on."""
+    """The reported split (`lastmile evaluate`, the pipeline's report): split name, or a path to a
+    JSONL/CSV/Parquet file. Never the data a run was tuned on."""
+    dev_split: str = "validation"
+    """The split for choices made during training: SFT validation loss, reward-model evaluation and
+    statistics, PPO's in-loop evaluation and best checkpoint. PPO refuses to choose on `eval_split`."""
     id_field: str = "id"
     document_field: str = "document"
     summary_field: str = "summary"
@@ -99,6 +103,21 @@ class TrainConfig:
     SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
 
 
+    def optim(self) -> "OptimSettings":
+        return OptimSettings(self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """What `distributed.engine_for` needs to build an optimizer and LR schedule."""
+
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: str
+    max_grad_norm: float
+
+
 @dataclass
 class SFTConfig(TrainConfig):
     log_every: int = 1
@@ -131,6 +150,101 @@ class RewardModelConfig(TrainConfig):
     """Bradley-Terry margin: train towards r_ref - r_neg > margin."""
     eval_examples: int | None = None
     """Held-out examples (data.eval_split) for the per-mode evaluation; default: data.max_eval_examples."""
+
+
+@dataclass
+class RewardConfig:
+    """The hybrid reward (model-based + model-free) and its shaping, per sampled summary."""
+
+    model: str | None = None
+    """Reward model folder (AutoModelForSequenceClassification, 1 label); default: <output_dir>/reward_model/model."""
+    rm_weight: float = 1.0
+    """Weight of the reward model's score, normalized with the model's reward_stats.json (mean/std of references)."""
+    metric: Literal["none", "rougeL", "la_rougeL"] = "la_rougeL"
+    """Model-free term: a reference metric of the sampled summary against the example's references."""
+    metric_weight: float = 1.0
+    length_target_ratio: float = 1.0
+    """Target ratio of summary words to reference words."""
+    length_penalty: float = 0.5
+    """Subtracted per unit of |words/reference words - length_target_ratio| (0: off)."""
+    no_eos_penalty: float = 1.0
+    """Subtracted when a sample hits ppo.max_new_tokens without EOS (0: off)."""
+    clip: float = 10.0
+    """Total reward clipped to [-clip, clip] before KL shaping."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO on the actor (from the SFT model) against the hybrid reward, with a KL penalty to the
+    frozen reference. Batch vocabulary (all global, across ranks): an iteration samples
+    `prompts_per_iteration` x `samples_per_prompt` responses (the rollout), then makes `epochs` passes
+    over it in minibatches of `minibatch_size` responses, each an optimizer step accumulated from
+    micro-batches of `micro_batch_size` responses per rank."""
+
+    init: str | None = None
+    """Actor and reference start; default: <output_dir>/sft/model, else model.path."""
+    iterations: int = 20
+    prompts_per_iteration: int = 8
+    samples_per_prompt: int = 1
+    """Responses per prompt; the group estimators (rloo, grpo) need at least 2."""
+    minibatch_size: int = 8
+    micro_batch_size: int = 4
+    epochs: int = 1
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 1.0
+    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    """`gae`: per-token advantages from a critic (initialized from the reward model); `rloo` / `grpo`:
+    critic-free, from the other samples of the same prompt."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_target: float | None = None
+    """Adaptive KL coefficient aiming at this per-sequence KL (Ziegler et al. 2019); null: fixed kl_coef."""
+    kl_horizon: int = 10000
+    lr: float = 1.0e-6
+    critic_lr: float = 1.0e-5
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
+    generation_gather: Literal["auto", "all", "layer"] = "auto"
+    """ZeRO-3 generation mode: `all` gathers the whole actor once per rollout and removes the ZeRO hooks;
+    `layer` keeps ZeRO-3's per-layer gathering with prefetch (for actors larger than one device);
+    `auto` picks `all` when the full model fits in the device's free memory."""
+    parity_bound: float = 0.05
+    """Alarm when max |generation log-prob - training log-prob| on the same tokens exceeds this."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval_every: int = 5
+    """In-loop evaluation on validation prompts every N iterations (0: only at the end)."""
+    eval_examples: int = 16
+    best_metric: Literal["la_rougeL", "rougeL", "reward", "semantic"] = "la_rougeL"
+    """The in-loop evaluation metric that picks the best checkpoint (published as ppo/model)."""
+    semantic_in_loop: bool = False
+    """Also compute MiniLM similarity in in-loop evaluations (loads the embedding model)."""
+    kl_alarm: float = 10.0
+    """Alarm when the in-loop KL to the reference (nats per sequence) exceeds this."""
+    length_alarm_low: float = 0.3
+    length_alarm_high: float = 3.0
+    """Alarm when the in-loop mean length ratio to the references leaves [low, high]."""
+    stop_on_alarm: bool = False
+    """Stop at the first alarm and publish the best checkpoint so far."""
+    save_every: int = 5
+    keep_checkpoints: int = 2
+    max_bad_batches: int = 3
+    """Consecutive rollouts with non-finite rewards that stop the run (single ones are skipped)."""
+
+    def actor_optim(self) -> OptimSettings:
+        return OptimSettings(self.lr, self.weight_decay, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
+
+    def critic_optim(self) -> OptimSettings:
+        return OptimSettings(self.critic_lr, self.weight_decay, self.warmup_steps, self.lr_schedule, self.max_grad_norm)
 
 
 @dataclass
@@ -175,6 +289,8 @@ class TrackingConfig:
     experiment: str = "lastmile"
     pipeline_id: str | None = None
     """Groups the stages of one pipeline; default derived from output_dir."""
+    parent_run_id: str | None = None
+    """Set by `lastmile pipeline`: each stage's run becomes a child of this MLflow run."""
 
 
 @dataclass
@@ -189,6 +305,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -310,6 +427,9 @@ def validate(cfg: Config) -> list[str]:
     def positive(name: str, value: float | int | None, *, allow_zero: bool = False) -> None:
         if value is None:
             return
+        if value != value or value in (float("inf"), float("-inf")):
+            p.append(f"{name} ({value}) must be a finite number.")
+            return
         if value < 0 or (value == 0 and not allow_zero):
             bound = "at least 0" if allow_zero else "greater than 0"
             p.append(f"{name} ({value}) must be {bound}.")
@@ -327,6 +447,7 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"rm.mode_weights has unknown modes {unknown_modes}. Known: {', '.join(FAILURE_MODES)}.")
     if not any(isinstance(w, (int, float)) and w > 0 for w in r.mode_weights.values()):
         p.append("rm.mode_weights gives no mode a positive weight. Give at least one mode a weight above 0.")
+    _validate_ppo(positive, p, cfg.ppo)
     positive("prompt.max_document_tokens", cfg.prompt.max_document_tokens)
     positive("prompt.max_summary_tokens", cfg.prompt.max_summary_tokens)
     positive("data.max_train_examples", cfg.data.max_train_examples)
@@ -360,6 +481,34 @@ def validate(cfg: Config) -> list[str]:
     except ConfigError as e:
         p.append(str(e))
     return p
+
+
+def _validate_ppo(positive, p: list[str], o: PPOConfig) -> None:
+    for name in ("iterations", "prompts_per_iteration", "samples_per_prompt", "minibatch_size", "micro_batch_size",
+                 "epochs", "max_new_tokens", "temperature", "lr", "critic_lr", "kl_horizon", "keep_checkpoints",
+                 "max_bad_batches", "eval_examples"):
+        positive(f"ppo.{name}", getattr(o, name))
+    for name in ("gamma", "lam", "clip_range", "value_clip_range", "entropy_coef", "kl_coef", "weight_decay",
+                 "warmup_steps", "max_grad_norm", "save_every", "eval_every", "parity_bound", "kl_alarm"):
+        positive(f"ppo.{name}", getattr(o, name), allow_zero=True)
+    for name in ("rm_weight", "metric_weight", "length_target_ratio", "length_penalty", "no_eos_penalty", "clip"):
+        positive(f"ppo.reward.{name}", getattr(o.reward, name), allow_zero=name != "clip")
+    positive("ppo.kl_target", o.kl_target)
+    for name in ("gamma", "lam"):
+        if getattr(o, name) > 1:
+            p.append(f"ppo.{name} ({getattr(o, name)}) must be at most 1. It is a discount factor.")
+    if not 0 < o.top_p <= 1:
+        p.append(f"ppo.top_p ({o.top_p}) must be in (0, 1].")
+    if o.advantage in ("rloo", "grpo") and o.samples_per_prompt < 2:
+        p.append(f"ppo.samples_per_prompt ({o.samples_per_prompt}) must be at least 2 with ppo.advantage={o.advantage}: "
+                 "the baseline of a sample is the other samples of its prompt. Set ppo.samples_per_prompt=4, or "
+                 "ppo.advantage=gae.")
+    if o.reward.rm_weight == 0 and (o.reward.metric == "none" or o.reward.metric_weight == 0):
+        p.append("ppo.reward has neither a reward-model term (rm_weight 0) nor a metric term. Set ppo.reward.rm_weight "
+                 "or ppo.reward.metric and ppo.reward.metric_weight.")
+    if not 0 < o.length_alarm_low < o.length_alarm_high:
+        p.append(f"ppo.length_alarm_low ({o.length_alarm_low}) and ppo.length_alarm_high ({o.length_alarm_high}) must "
+                 "satisfy 0 < low < high.")
 
 
 def _validate_training(positive, p: list[str], prefix: str, t: TrainConfig) -> None:
@@ -443,3 +592,41 @@ def plan_batches(global_batch: int, micro_batch: int, world_size: int, *, field_
             f"of micro-batches per step. Set {field_prefix}.batch_size to a multiple of {per_step}."
         )
     return BatchPlan(global_batch, micro_batch, world_size, global_batch // per_step)
+
+
+@dataclass(frozen=True)
+class PPOPlan:
+    """PPO's batch sizes, derived once with exact division (all counts are responses)."""
+
+    rollout: int  # responses per iteration, global = prompts x samples
+    prompts_per_rank: int
+    rollout_per_rank: int
+    minibatches: int  # optimizer steps per epoch
+    steps_per_iteration: int  # epochs x minibatches
+    train: BatchPlan  # one optimizer step: minibatch = micro x world x accumulation
+
+    @property
+    def prompt_plan(self) -> BatchPlan:
+        """Prompts per iteration as a batch plan: each rank takes its own block of the global draw."""
+        return BatchPlan(self.prompts_per_rank * self.train.world_size, self.prompts_per_rank, self.train.world_size, 1)
+
+
+def plan_ppo(prompts: int, samples: int, minibatch: int, micro: int, epochs: int, world_size: int) -> PPOPlan:
+    problems = []
+    rollout = prompts * samples
+    if prompts % world_size:
+        problems.append(f"ppo.prompts_per_iteration ({prompts}) is not divisible by the {world_size} ranks. Each rank "
+                        f"samples its own prompts. Use a multiple of {world_size}.")
+    if rollout % minibatch:
+        problems.append(f"ppo.minibatch_size ({minibatch}) does not divide the rollout of {rollout} responses "
+                        f"(prompts_per_iteration x samples_per_prompt). Every response is trained on once per epoch. "
+                        f"Use a divisor of {rollout}.")
+    if minibatch % (micro * world_size):
+        problems.append(f"ppo.minibatch_size ({minibatch}) is not divisible by ppo.micro_batch_size ({micro}) x ranks "
+                        f"({world_size}) = {micro * world_size}. Every rank runs whole micro-batches. Use a multiple "
+                        f"of {micro * world_size}.")
+    if problems:
+        raise ConfigError("PPO batch sizes:\n" + "\n".join(f"  - {x}" for x in problems))
+    train = BatchPlan(minibatch, micro, world_size, minibatch // (micro * world_size))
+    return PPOPlan(rollout, prompts // world_size, rollout // world_size, rollout // minibatch,
+                   epochs * (rollout // minibatch), train)

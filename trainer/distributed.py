@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trainer.config import BatchPlan, TrainConfig, resolve_ds_config_path
+from trainer.config import BatchPlan, OptimSettings, resolve_ds_config_path
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,16 @@ def all_reduce_sum(value: float | int) -> float:
     return float(t.item())
 
 
+def all_reduce_max(value: float) -> float:
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -150,40 +160,62 @@ def zero_stage(ds: dict[str, Any]) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
-def build_engine(
-    module: torch.nn.Module,
-    ds: dict[str, Any],
-    *,
-    lr: float,
-    weight_decay: float,
-    total_steps: int,
-    warmup_steps: int,
-    schedule: str,
-):
+def _register_external(module: torch.nn.Module, ds: dict[str, Any]) -> None:
+    if zero_stage(ds) == 3 and hasattr(module, "external_parameters"):
+        import deepspeed
+
+        for p in module.external_parameters():
+            deepspeed.zero.register_external_parameter(module, p)
+
+
+def build_engine(module: torch.nn.Module, ds: dict[str, Any], optim: OptimSettings, *, total_steps: int):
     """deepspeed.initialize with our AdamW (compiles nothing) and LR schedule; returns the engine."""
     import deepspeed
 
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, warmup_steps, total_steps))
+        if p.requires_grad:  # a ZeRO-3 partition is flat: its real shape is ds_shape
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "norm" in name else decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+              if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim.schedule, optim.warmup_steps, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    if zero_stage(ds) == 3 and hasattr(module, "external_parameters"):
-        for p in module.external_parameters():
-            deepspeed.zero.register_external_parameter(module, p)
+    _register_external(module, ds)
     return engine
 
 
-def engine_for(module: torch.nn.Module, train: TrainConfig, plan: BatchPlan, *, total_steps: int, ds_config: str,
+def ds_config_for(ds_config: str, plan: BatchPlan, optim: OptimSettings, *, hidden_size: int) -> dict[str, Any]:
+    """The filled DeepSpeed dict for a trained model; build it before loading the model so that a
+    ZeRO-3 model is created partitioned (`models.partitioned_loading`)."""
+    return fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=optim.max_grad_norm, hidden_size=hidden_size)
+
+
+def engine_for(module: torch.nn.Module, optim: OptimSettings, plan: BatchPlan, *, total_steps: int, ds_config: str,
                hidden_size: int):
-    """A stage's engine from its TrainConfig and a ds_configs/ name: (engine, filled DeepSpeed dict)."""
-    ds = fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=train.max_grad_norm, hidden_size=hidden_size)
-    engine = build_engine(module, ds, lr=train.lr, weight_decay=train.weight_decay, total_steps=total_steps,
-                          warmup_steps=train.warmup_steps, schedule=train.lr_schedule)
-    return engine, ds
+    """A stage's engine from its optimizer settings and a ds_configs/ name: (engine, filled DeepSpeed dict)."""
+    ds = ds_config_for(ds_config, plan, optim, hidden_size=hidden_size)
+    return build_engine(module, ds, optim, total_steps=total_steps), ds
+
+
+def inference_engine(module: torch.nn.Module, ds: dict[str, Any], device: torch.device):
+    """A frozen model (reference, reward model) for forward passes only: under ZeRO-3 a DeepSpeed
+    engine without optimizer, parameters partitioned across ranks; otherwise the plain module on the
+    device (ZeRO-1/2 partition only optimizer state, which a frozen model does not have)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    if zero_stage(ds) != 3:
+        return module.to(device).eval()
+    import deepspeed
+
+    ds_eval = copy.deepcopy(ds)
+    ds_eval["zero_optimization"] = {k: v for k, v in ds["zero_optimization"].items()
+                                    if not k.startswith("offload_optimizer")}
+    ds_eval.pop("gradient_clipping", None)
+    engine, _, _, _ = deepspeed.initialize(model=module, config=ds_eval)
+    _register_external(module, ds_eval)
+    engine.eval()
+    return engine
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -207,7 +239,6 @@ def consolidated_state_dict(engine, ds: dict[str, Any]) -> dict[str, torch.Tenso
     else:
         sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
     return sd
-
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

@@ -7,6 +7,7 @@ The offline default (`smollm2-135m-instruct`) is the GGUF file shipped by the Py
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -137,10 +138,30 @@ def choose_attention(requested: str, device: torch.device) -> AttentionChoice:
     return AttentionChoice("sdpa", f"fallback: {why}")
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None = None):
+@contextlib.contextmanager
+def partitioned_loading(ds: dict | None):
+    """While active, transformers builds models already partitioned when `ds` is a ZeRO-3 config
+    (deepspeed.zero.Init through a live HfDeepSpeedConfig; see PLATFORM.md), so no rank ever holds
+    a whole model. Scoped: afterwards plain loads are plain again."""
+    if ds is None or int(ds.get("zero_optimization", {}).get("stage", 0)) != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None = None, ds: dict | None = None):
     """A causal LM in fp32 (training runs under autocast), pretrained or random per `cfg`.
 
-    `path` overrides `cfg.path` (e.g. a checkpoint written by an earlier stage).
+    `path` overrides `cfg.path` (e.g. a checkpoint written by an earlier stage). With a ZeRO-3 `ds`
+    config the model is created partitioned across ranks.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -159,12 +180,23 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
             raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}.")
         setattr(hf_config, key, value)
     kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
-    if cfg.random_init and path is None:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+    with partitioned_loading(ds):
+        if cfg.random_init and path is None:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
     return model, attn
+
+
+def hidden_size_of(cfg: ModelConfig, path: str | None = None) -> int:
+    """The hidden size from the model's config alone (to fill DeepSpeed "auto" sizes before loading)."""
+    from transformers import AutoConfig
+
+    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file)
+    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    overrides = cfg.config_overrides if path is None else {}
+    return int(overrides.get("hidden_size", hf_config.hidden_size))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -264,16 +296,36 @@ class ScalarRewardModel(torch.nn.Module):
         return self.rm.score(h_last).squeeze(-1).float()
 
 
-def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int):
-    """AutoModelForSequenceClassification with one label from a causal-LM checkpoint (new head)."""
+class ValueModel(torch.nn.Module):
+    """A critic: the sequence-classification head of a reward model applied at every position, so
+    values (B, T) estimate the return from each prefix (initialized from the reward model, as in
+    Ouyang et al. 2022)."""
+
+    def __init__(self, rm: torch.nn.Module):
+        super().__init__()
+        self.rm = rm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) bool (left or right padded) -> values (B, T) fp32."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
+                                    position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.rm.score(hidden).squeeze(-1).float()
+
+
+def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int, *,
+                         ds: dict | None = None):
+    """AutoModelForSequenceClassification with one label: from a causal-LM checkpoint (a new head,
+    seeded) or from a trained reward model (its head). Partitioned under a ZeRO-3 `ds`."""
     from transformers import AutoModelForSequenceClassification
 
     attn = choose_attention(cfg.attn_implementation, device)
     source = resolve_model_path(path)
     torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=torch.float32, attn_implementation=attn.implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )
+    with partitioned_loading(ds):
+        rm = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=1, dtype=torch.float32, attn_implementation=attn.implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
     rm.config.pad_token_id = pad_token_id
     return rm, attn

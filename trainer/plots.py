@@ -41,3 +41,56 @@ def plot_histograms(path: Path, groups: dict[str, list[float]], *, title: str, x
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_metric_bars(path: Path, systems: dict[str, dict[str, float]], *, title: str) -> Path:
+    """Grouped bars: one group per metric, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(systems)
+    metrics = sorted({m for v in systems.values() for m in v})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(metrics) / 2), 4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        xs = [j + i * width for j in range(len(metrics))]
+        ax.bar(xs, [systems[n].get(m, 0.0) for m in metrics], width=width, label=n)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
+    ax.set(title=title, ylabel="mean over examples")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_grid(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]], *, title: str) -> Path:
+    """Several small line charts (panel title -> curves), e.g. reward, KL, length and eval metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(panels))
+    cols = min(3, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, curves) in zip(axes.flat, panels.items()):
+        for label, points in curves.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if len(points) < 30 else None, label=label)
+        ax.set(title=name, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -64,9 +64,11 @@ class MlflowTracker:
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment)
+        self._logged_through = -1  # a resumed run drops steps it logged before the kill: no duplicates
         if resume_run_id:
             self._run = mlflow.start_run(run_id=resume_run_id)
             mlflow.set_tag("lastmile.resumed", "true")
+            self._logged_through = _last_logged_step(mlflow.MlflowClient(), resume_run_id)
         else:
             self._run = mlflow.start_run(run_name=run_name, tags=tags)
             for chunk in _chunks(params, 100):
@@ -74,6 +76,8 @@ class MlflowTracker:
         self.run_id = self._run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if step is not None and step <= self._logged_through:
+            return
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -112,6 +116,13 @@ def closing(tracker: Tracker):
         raise
     finally:
         tracker.end(status)
+
+
+def _last_logged_step(client, run_id: str) -> int:
+    """The highest step of any metric already in the run (-1 when none)."""
+    keys = client.get_run(run_id).data.metrics.keys()
+    steps = [m.step for k in keys for m in client.get_metric_history(run_id, k)]
+    return max(steps, default=-1)
 
 
 def _chunks(d: dict[str, Any], n: int):
@@ -154,7 +165,7 @@ def upstream_run_id(output_dir: str | Path, stage: str) -> str | None:
 
 
 def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None = None,
-          upstream_run_id: str | None = None) -> Tracker:
+          upstream_run_id: str | None = None, run_name: str | None = None, parent_run_id: str | None = None) -> Tracker:
     if not (is_main and cfg.tracking.enabled):
         return NullTracker()
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # users who point at ./mlruns
@@ -166,8 +177,11 @@ def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None =
     }
     if upstream_run_id:
         tags["lastmile.upstream_run_id"] = upstream_run_id
+    parent = parent_run_id or cfg.tracking.parent_run_id
+    if parent:
+        tags["mlflow.parentRunId"] = parent  # shows the stage as a child of the pipeline run in the UI
     tracker = MlflowTracker(
-        tracking_uri(cfg), cfg.tracking.experiment, f"{stage}-{tags['lastmile.pipeline_id']}",
+        tracking_uri(cfg), cfg.tracking.experiment, run_name or stage,
         tags=tags, params=flatten(to_dict(cfg)), resume_run_id=resume_run_id,
     )
     log.info("MLflow run %s (%s) at %s", tracker.run_id, stage, tracking_uri(cfg))

@@ -5,13 +5,17 @@
     lastmile evaluate --config X eval.predictions=preds.jsonl       # score your own system's output
 
 Systems: the evaluated model (default: <output_dir>/sft/model) and optionally a baseline
-(`eval.baseline_model`, e.g. the untuned model), each raw and post-processed. Every other system is
-compared with the primary raw one by paired bootstrap. Writes <output_dir>/eval/: results.json,
-samples.jsonl, samples.md, predictions-<system>.jsonl, and logs them to one MLflow run.
+(`eval.baseline_model`, e.g. the untuned model), each raw and post-processed. Comparisons are paired
+bootstrap intervals on the same examples. Every evaluation has its own folder, named for what was
+evaluated (`eval/sft/`, `eval/rl_vs_untuned/`, `eval/predictions-<hash>/`): results.json,
+samples.md, samples.jsonl, predictions-<system>.jsonl, metrics.png. Generations are cached per
+system under eval/generations/, keyed by the model's identity and the generation settings, so a
+system is generated once however many comparisons it appears in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -20,53 +24,110 @@ from pathlib import Path
 import numpy as np
 
 from trainer import checkpoint, distributed, metrics, tracking
-from trainer.config import Config, to_yaml
+from trainer.config import Config, flatten, to_dict
+from trainer.data.predictions import read_predictions
 from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
 from trainer.distributed import DistInfo
-from trainer.errors import DataError, UserError
+from trainer.errors import UserError
 from trainer.generation import generate
 from trainer.models import load_causal_lm, load_tokenizer
-from trainer.stages import common
+from trainer.plots import plot_metric_bars
+from trainer.stages.common import model_identity
 
 log = logging.getLogger(__name__)
 
 HEADLINE = ("rouge1", "rouge2", "rougeL", "rougeLsum", "la_rouge1", "la_rouge2", "la_rougeL", "semantic")
-COMPARED = ("rougeL", "la_rougeL", "semantic")  # paired bootstrap: a - b with a 95% CI; p = P(a <= b)
+COMPARED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")  # paired bootstrap: a - b, 95% CI
+STAGE_LABELS = {"sft": "sft", "ppo": "rl", "reward_model": "rm"}
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    name: str  # "model", "baseline", "untuned", "mle", "rl"
+    model: str | None = None
+    predictions: str | None = None
 
 
 @dataclass(frozen=True)
 class System:
-    name: str  # "model", "model+post", "baseline", ...
+    name: str  # a spec's name, or "<name>+post"
     source: str  # model path or predictions file
     predictions: tuple[str, ...]
 
 
 def run(cfg: Config) -> dict:
-    # Evaluation is short: a stop signal (handled by common.begin) lets it finish instead of killing it.
-    dist, stage_dir, done = common.begin(cfg, "eval", "Evaluation")
-    if done:
-        return json.loads((stage_dir / "results.json").read_text())
+    """`lastmile evaluate`: the configured model or predictions file, and the optional baseline."""
+    primary = SystemSpec("model", model=None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg)),
+                         predictions=cfg.eval.predictions)
+    specs = [primary]
+    if cfg.eval.baseline_model or cfg.eval.baseline_predictions:
+        specs.append(SystemSpec("baseline", model=None if cfg.eval.baseline_predictions else cfg.eval.baseline_model,
+                                predictions=cfg.eval.baseline_predictions))
+    names = [s.name for s in specs]
+    comparisons = [(f"{n}+post", n) for n in names] + [(f"model{x}", f"baseline{x}") for x in ("", "+post")
+                                                       if "baseline" in names]
+    label = "_vs_".join(system_label(s) for s in specs)
+    return evaluate_systems(cfg, specs, comparisons, Path(cfg.output_dir) / "eval" / label, run_name=f"evaluate:{label}")
+
+
+def system_label(spec: SystemSpec) -> str:
+    """Folder name for what is evaluated: the producing stage, or a content hash."""
+    if spec.predictions:
+        return f"predictions-{_file_hash(Path(spec.predictions))}"
+    ident = Path(spec.model) / "lastmile_identity.json"
+    if ident.is_file():
+        return STAGE_LABELS.get(json.loads(ident.read_text()).get("stage"), "model")
+    if not Path(spec.model).exists():
+        return "untuned" if spec.name in ("baseline", "untuned") else Path(spec.model).name
+    return f"model-{model_identity(spec.model).split(':')[-1][:8]}"
+
+
+def _file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+
+
+def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tuple[str, str]], folder: Path, *,
+                     run_name: str, stage: str = "evaluate", parent_run_id: str | None = None) -> dict:
+    """Generate (or read) every system, add its post-processed version, score, compare, write `folder`.
+    Skipped when `folder` already holds results of exactly these systems and settings."""
+    dist = distributed.setup()
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
-    primary_model = None if cfg.eval.predictions else (cfg.eval.model or _default_model(cfg))
-    upstream = tracking.upstream_run_id(cfg.output_dir, "sft")
-    tracker = tracking.start(cfg, stage="evaluate", is_main=dist.is_main, upstream_run_id=upstream)
+    ident = _identity(cfg, specs, examples)
+    done = folder / checkpoint.DONE_FILE
+    if done.is_file() and json.loads(done.read_text()).get("identity") == ident:
+        if dist.is_main:
+            print(f"Evaluation of {', '.join(s.name for s in specs)} unchanged; results in {folder / 'results.json'}")
+        return json.loads((folder / "results.json").read_text())
+    tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name,
+                             upstream_run_id=_upstream(specs), parent_run_id=parent_run_id)
     with tracking.closing(tracker):
-        systems = _collect_systems(cfg, primary_model, examples, dist)
+        systems = []
+        for spec in specs:
+            s = _system(spec, cfg, examples, dist)
+            systems += [s, System(f"{s.name}+post", s.source, tuple(metrics.postprocess(p) for p in s.predictions))]
         if not dist.is_main:
             return {}
-        results = score_systems(systems, examples, cfg)
-        _write(stage_dir, cfg, systems, examples, results, tracker)
+        results = score_systems(systems, examples, cfg, comparisons)
+        _write(folder, systems, examples, results, tracker)
+        checkpoint.write_json_atomic(done, {"identity": ident})
+    print(f"Results: {folder / 'results.json'}; side by side: {folder / 'samples.md'}", flush=True)
     return results
 
 
-def _collect_systems(cfg: Config, primary_model: str | None, examples: list[Example], dist: DistInfo) -> list[System]:
-    primary = _system("model", cfg.eval.predictions, primary_model, cfg, examples, dist)
-    systems = [primary, _postprocessed(primary)]
-    if cfg.eval.baseline_model or cfg.eval.baseline_predictions:
-        base = _system("baseline", cfg.eval.baseline_predictions, cfg.eval.baseline_model, cfg, examples, dist)
-        systems += [base, _postprocessed(base)]
-    return systems
+def _identity(cfg: Config, specs: list[SystemSpec], examples: list[Example]) -> str:
+    what = [(s.name, model_identity(s.model) if s.model else _file_hash(Path(s.predictions))) for s in specs]
+    settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "prompt.", "data.", "seed"))}
+    body = json.dumps({"systems": what, "settings": settings, "ids": [e.id for e in examples]}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _upstream(specs: list[SystemSpec]) -> str | None:
+    for s in specs:
+        if s.model and (Path(s.model).parent / "run.json").is_file():
+            return json.loads((Path(s.model).parent / "run.json").read_text()).get("run_id")
+    return None
 
 
 def _default_model(cfg: Config) -> str:
@@ -79,42 +140,33 @@ def _default_model(cfg: Config) -> str:
     return str(path)
 
 
-def _postprocessed(system: System) -> System:
-    return System(f"{system.name}+post", system.source, tuple(metrics.postprocess(p) for p in system.predictions))
+def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistInfo) -> System:
+    if spec.predictions:
+        return System(spec.name, spec.predictions, tuple(read_predictions(Path(spec.predictions), examples)))
+    cache = _generation_cache(cfg, spec, examples)
+    if cache.is_file():
+        return System(spec.name, spec.model, tuple(read_predictions(cache, examples)))
+    texts = _generate_all(spec.model, cfg, examples, dist)
+    if dist.is_main:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp")
+        tmp.write_text("".join(json.dumps({"id": e.id, "prediction": t}) + "\n" for e, t in zip(examples, texts)),
+                       encoding="utf-8")
+        tmp.replace(cache)
+    return System(spec.name, spec.model, tuple(texts))
 
 
-def _system(name: str, predictions_file: str | None, model: str | None, cfg: Config, examples: list[Example],
-            dist: DistInfo) -> System:
-    if predictions_file:
-        return System(name, predictions_file, tuple(read_predictions(Path(predictions_file), examples)))
-    assert model is not None
-    return System(name, model, tuple(_generate_all(model, cfg, examples, dist)))
-
-
-def read_predictions(path: Path, examples: list[Example]) -> list[str]:
-    """Predictions in example order from a JSONL of {"id", "prediction"}; every id must be present."""
-    by_id: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            by_id[str(row["id"])] = str(row["prediction"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path} line {n}: expected a JSON object with \"id\" and \"prediction\".") from None
-    missing = [ex.id for ex in examples if ex.id not in by_id]
-    if missing:
-        raise DataError(
-            f"{path} has no prediction for {len(missing)} of {len(examples)} evaluation examples "
-            f"(first: {', '.join(missing[:5])}). Predict every id of data.eval_split, or limit eval.max_examples."
-        )
-    return [by_id[ex.id] for ex in examples]
+def _generation_cache(cfg: Config, spec: SystemSpec, examples: list[Example]) -> Path:
+    key = json.dumps({"model": model_identity(spec.model), "generation": to_dict(cfg)["eval"]["generation"],
+                      "prompt": to_dict(cfg)["prompt"], "precision": cfg.precision,
+                      "data": [cfg.data.source, cfg.data.eval_split], "ids": [e.id for e in examples]}, sort_keys=True)
+    return (Path(cfg.output_dir) / "eval" / "generations" /
+            f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
 
 
 def _generate_all(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo) -> list[str]:
     """Data-parallel generation: each rank holds the whole model and generates its shard."""
-    tok_cfg = replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None)
-    tokenizer = load_tokenizer(tok_cfg)
+    tokenizer = load_tokenizer(replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None))
     lm, attn = load_causal_lm(cfg.model, dist.device, path=model_path)
     lm.to(dist.device)
     if dist.is_main:
@@ -133,12 +185,11 @@ def _generate_all(model_path: str, cfg: Config, examples: list[Example], dist: D
     return out
 
 
-def score_systems(systems: list[System], examples: list[Example], cfg: Config) -> dict:
-    """Per-example scores, means, length stats, and paired bootstrap comparisons (comparison_pairs)."""
+def score_systems(systems: list[System], examples: list[Example], cfg: Config,
+                  comparisons: list[tuple[str, str]]) -> dict:
+    """Per-example scores, means, length stats, and paired bootstrap comparisons a - b."""
     refs = [list(ex.references) for ex in examples]
-    semantic = None
-    if cfg.eval.semantic_model != "none":
-        semantic = metrics.SemanticScorer(cfg.eval.semantic_model)
+    semantic = metrics.SemanticScorer(cfg.eval.semantic_model) if cfg.eval.semantic_model != "none" else None
     per_system: dict[str, dict[str, list[float]]] = {}
     summary: dict[str, dict[str, float]] = {}
     for s in systems:
@@ -150,66 +201,65 @@ def score_systems(systems: list[System], examples: list[Example], cfg: Config) -
         per_system[s.name] = scores
         summary[s.name] = {k: float(np.mean(v)) for k, v in scores.items()}
         summary[s.name].update(metrics.length_stats(list(s.predictions), refs))
-    comparisons = {
+    compared = {
         f"{a} - {b}": {
             m: metrics.paired_bootstrap(per_system[b][m], per_system[a][m], samples=cfg.eval.bootstrap_samples,
                                         seed=cfg.seed)
             for m in COMPARED if m in per_system[a]
         }
-        for a, b in comparison_pairs([s.name for s in systems])
+        for a, b in comparisons if a in per_system and b in per_system
     }
     return {
         "n_examples": len(examples),
         "data": {"source": cfg.data.source, "split": cfg.data.eval_split},
         "semantic_model": semantic.name if semantic else None,
         "systems": {s.name: {"source": s.source, **summary[s.name]} for s in systems},
-        "comparisons": comparisons,
+        "comparisons": compared,
         "per_example": per_system,
     }
 
 
-def comparison_pairs(names: list[str]) -> list[tuple[str, str]]:
-    """(a, b) pairs reported as a - b: post-processing against raw output, and the evaluated model
-    against the baseline (raw with raw, post-processed with post-processed)."""
-    pairs = [(f"{n}+post", n) for n in ("model", "baseline") if n in names and f"{n}+post" in names]
-    pairs += [(f"model{x}", f"baseline{x}") for x in ("", "+post") if f"baseline{x}" in names]
-    return pairs
+def mlflow_name(system: str) -> str:
+    return system.replace("+", "_")
 
 
-def _write(stage_dir: Path, cfg: Config, systems: list[System], examples: list[Example], results: dict, tracker) -> None:
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json_atomic(stage_dir / "results.json", results)
-    rows = [
-        {"id": ex.id, "reference": ex.references[0], **{s.name: s.predictions[i] for s in systems},
-         "rougeL": {s.name: results["per_example"][s.name]["rougeL"][i] for s in systems}}
-        for i, ex in enumerate(examples)
-    ]
-    (stage_dir / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def _write(folder: Path, systems: list[System], examples: list[Example], results: dict, tracker) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json_atomic(folder / "results.json", results)
+    rows = [{"id": ex.id, "reference": ex.references[0], **{s.name: s.predictions[i] for s in systems},
+             "rougeL": {s.name: results["per_example"][s.name]["rougeL"][i] for s in systems}}
+            for i, ex in enumerate(examples)]
+    (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     for s in systems:
-        (stage_dir / f"predictions-{s.name}.jsonl").write_text(
-            "".join(json.dumps({"id": ex.id, "prediction": p}) + "\n" for ex, p in zip(examples, s.predictions)))
-    (stage_dir / "samples.md").write_text(_samples_table(rows[:20], [s.name for s in systems]))
-    flat = {}
-    for name, values in results["systems"].items():
-        prefix = "eval/" if name == "model" else f"eval/{name.replace('+', '_')}/"
-        flat.update({prefix + k: v for k, v in values.items() if isinstance(v, float)})
+        (folder / f"predictions-{s.name}.jsonl").write_text(
+            "".join(json.dumps({"id": ex.id, "prediction": p}) + "\n" for ex, p in zip(examples, s.predictions)),
+            encoding="utf-8")
+    (folder / "samples.md").write_text(samples_markdown(rows[:20], [s.name for s in systems]), encoding="utf-8")
+    flat = {f"eval/{mlflow_name(n)}/{k}": v for n, values in results["systems"].items()
+            for k, v in values.items() if isinstance(v, float)}
+    for comp, by_metric in results["comparisons"].items():
+        a, b = comp.split(" - ")
+        for m, r in by_metric.items():
+            key = f"eval/delta/{mlflow_name(a)}_vs_{mlflow_name(b)}/{m}"
+            flat.update({key: r["mean_diff"], f"{key}_lo": r["ci_low"], f"{key}_hi": r["ci_high"]})
     tracker.log_metrics(flat)
-    for path in (stage_dir / "results.json", stage_dir / "samples.md", stage_dir / "samples.jsonl"):
+    plot = plot_metric_bars(folder / "metrics.png", {n: {k: v[k] for k in ("rougeL", "la_rougeL", "semantic") if k in v}
+                                                     for n, v in results["systems"].items()}, title="Evaluation")
+    for path in (folder / "results.json", folder / "samples.md", folder / "samples.jsonl", plot):
         tracker.log_artifact(path)
-    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
-    _print_table(results)
+    print_table(results)
 
 
-def _samples_table(rows: list[dict], names: list[str]) -> str:
-    def cell(t: str) -> str:
-        return t.replace("|", "\\|").replace("\n", " ")
+def samples_markdown(rows: list[dict], names: list[str]) -> str:
+    """One section per example: the reference, then each system's output (readable as raw text)."""
+    out = []
+    for r in rows:
+        out.append(f"## {r['id']}\n\n**reference**: {r['reference']}\n")
+        out += [f"**{n}** (ROUGE-L {r['rougeL'][n]:.3f}): {r[n]}\n" for n in names]
+    return "\n".join(out)
 
-    head = "| id | reference | " + " | ".join(names) + " |\n|" + "---|" * (2 + len(names)) + "\n"
-    return head + "".join(f"| {r['id']} | {cell(r['reference'])} | " + " | ".join(cell(r[n]) for n in names) + " |\n"
-                          for r in rows)
 
-
-def _print_table(results: dict) -> None:
+def print_table(results: dict) -> None:
     names = list(results["systems"])
     keys = [k for k in HEADLINE if k in results["systems"][names[0]]] + ["len/pred_words_mean"]
     lines = [f"{'system':<16}" + "".join(f"{k.replace('len/pred_words_mean', 'words'):>11}" for k in keys)]
@@ -217,7 +267,7 @@ def _print_table(results: dict) -> None:
         lines.append(f"{n:<16}" + "".join(f"{results['systems'][n][k]:>11.4f}" for k in keys))
     for comp, by_metric in results["comparisons"].items():
         for m, b in by_metric.items():
-            lines.append(f"{comp} [{m}]: diff {b['mean_diff']:+.4f}, 95% CI [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}], "
-                         f"p={b['p_value']:.3f}")
-    print(f"Evaluation on {results['n_examples']} examples ({results['data']['source']}:{results['data']['split']})")
+            lines.append(f"{comp} [{m}]: {b['mean_diff']:+.4f}, 95% CI [{b['ci_low']:+.4f}, {b['ci_high']:+.4f}]")
+    print(f"Evaluation on {results['n_examples']} examples ({results['data']['source']}:{results['data']['split']}); "
+          "a - b with a paired-bootstrap 95% interval: an interval that excludes 0 is a real difference")
     print("\n".join(lines), flush=True)

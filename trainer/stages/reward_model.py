@@ -6,7 +6,7 @@
 Pairs (document, reference, negative) come from trainer.data.negatives (synthetic failure modes,
 mixed by `rm.mode_weights`) and optionally from a policy's own low-ROUGE samples. A scalar head on
 the SFT backbone is trained with the Bradley-Terry loss. At the end, on held-out examples
-(`data.eval_split`): pairwise accuracy and AUROC per failure mode, score distributions of references
+(`data.dev_split`): pairwise accuracy and AUROC per failure mode, score distributions of references
 and of the MLE outputs (raw and post-processed, from `<output_dir>/eval/` when `evaluate` ran), the
 20 negatives the model prefers most, and the reference-score mean/std that later stages use to
 normalize rewards. Writes <output_dir>/reward_model/: model/ (AutoModelForSequenceClassification,
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from trainer import checkpoint, distributed, metrics, preemption, tracking
 from trainer.algorithms.losses import auroc, pairwise_loss
-from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches, to_yaml
+from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from trainer.data import sampling
 from trainer.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
 from trainer.data.prompts import PromptBuilder
@@ -50,11 +50,12 @@ class EncodedPair:
 
 
 def run(cfg: Config) -> Path:
-    dist, stage_dir, done = common.begin(cfg, "reward_model", "Reward model")
-    if done:
+    init = _init_path(cfg)
+    start = common.begin(cfg, "reward_model", "Reward model", inputs={"init": init})
+    dist, stage_dir = start.dist, start.stage_dir
+    if start.done:
         return stage_dir / "model"
     ckpt_root = stage_dir / "checkpoints"
-    init = _init_path(cfg)
     tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path))
     builder = PromptBuilder(tokenizer, cfg.prompt)
     train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
@@ -67,7 +68,7 @@ def run(cfg: Config) -> Path:
     total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
 
     rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id)
-    engine, ds = distributed.engine_for(ScalarRewardModel(rm), cfg.rm, plan, total_steps=total_steps,
+    engine, ds = distributed.engine_for(ScalarRewardModel(rm), cfg.rm.optim(), plan, total_steps=total_steps,
                                         ds_config=cfg.deepspeed.config, hidden_size=rm.config.hidden_size)
     if dist.is_main:
         log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
@@ -76,10 +77,14 @@ def run(cfg: Config) -> Path:
     tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state["run_id"],
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
     state["run_id"] = tracker.run_id
-    tracker.log_params({"runtime.attention": attn.implementation, "runtime.world_size": dist.world_size})
+    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
+        "attention": attn.implementation, "world_size": dist.world_size, "train_pairs": len(train),
+        "total_steps": total_steps})
     with tracking.closing(tracker):
         _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root)
         _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root)
+        if dist.is_main:
+            common.mark_done(cfg, stage_dir, "reward_model", state["run_id"], start.identity)
     return stage_dir / "model"
 
 
@@ -236,13 +241,16 @@ def score_sequences(engine, seqs: list[tuple[int, ...]], micro: int, precision: 
 
 def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder, dist) -> dict:
     """Per-mode accuracy/AUROC on held-out examples, score distributions, and the most-fooling negatives."""
-    eval_ex = load_split(cfg.data, cfg.data.eval_split, cfg.rm.eval_examples or cfg.data.max_eval_examples)
+    eval_ex = load_split(cfg.data, cfg.data.dev_split, cfg.rm.eval_examples or cfg.data.max_eval_examples)
     prompts = prompt_ids_by_id(eval_ex, builder)
     pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES, seed=cfg.seed + 1)
     encoded = encode_pairs(pairs, prompts, builder)
     refs = [prompts[e.id] + _summary_ids(builder, e.summary) for e in eval_ex]
-    mle = _mle_outputs(Path(cfg.output_dir), set(prompts))
-    mle_seqs = {name: [prompts[i] + _summary_ids(builder, t) for i, t in rows] for name, rows in mle.items()}
+    mle = _mle_outputs(Path(cfg.output_dir))
+    mle_prompts = prompt_ids_by_id(load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples), builder) \
+        if mle else {}
+    mle_seqs = {name: [mle_prompts[i] + _summary_ids(builder, t) for i, t in rows if i in mle_prompts]
+                for name, rows in mle.items()}
     everything = refs + [p.rejected for p in encoded] + [s for seqs in mle_seqs.values() for s in seqs]
     scores = score_sequences(engine, everything, cfg.rm.micro_batch_size, cfg.precision, dist, tokenizer.pad_token_id)
     ref_scores = dict(zip((e.id for e in eval_ex), scores[: len(refs)]))
@@ -265,7 +273,7 @@ def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder
         "n_examples": len(eval_ex),
         "per_mode": per_mode,
         "reward_stats": {"mean": float(ref_t.mean()), "std": float(ref_t.std()) if len(ref_t) > 1 else 1.0,
-                         "n": len(ref_t), "split": cfg.data.eval_split},
+                         "n": len(ref_t), "split": cfg.data.dev_split},
         "score_means": {k: sum(v) / len(v) for k, v in distributions.items() if v},
         "distributions": distributions,
         "fooled": [{"gap": g, "id": p.id, "mode": p.mode, "reference": p.chosen, "negative": p.rejected}
@@ -273,14 +281,14 @@ def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder
     }
 
 
-def _mle_outputs(output_dir: Path, ids: set[str]) -> dict[str, list[tuple[str, str]]]:
-    """The evaluate stage's predictions of the MLE model, raw and post-processed, for these ids."""
+def _mle_outputs(output_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """The evaluate stage's predictions of the SFT model (eval/sft/), raw and post-processed: (id, text)."""
     out = {}
     for name, file in (("mle_raw", "predictions-model.jsonl"), ("mle_post", "predictions-model+post.jsonl")):
-        path = output_dir / "eval" / file
+        path = output_dir / "eval" / "sft" / file
         if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            out[name] = [(str(r["id"]), r["prediction"]) for r in rows if str(r["id"]) in ids and r["prediction"].strip()]
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+            out[name] = [(str(r["id"]), r["prediction"]) for r in rows if r["prediction"].strip()]
     return out
 
 
@@ -295,7 +303,6 @@ def _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, 
     checkpoint.write_json_atomic(final / "model" / STATS_FILE, results["reward_stats"])
     checkpoint.publish_model(final / "model", stage_dir / "model")
     checkpoint.write_json_atomic(stage_dir / "results.json", results)
-    checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": state["run_id"], "stage": "reward_model"})
     (stage_dir / "fooled.md").write_text(_fooled_table(results["fooled"]))
     plot = plot_histograms(stage_dir / "scores.png", results["distributions"], title="Reward model scores (held out)",
                            xlabel="score")
@@ -304,7 +311,6 @@ def _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, 
     tracker.log_metrics(flat, step=state["step"])
     for path in (stage_dir / "results.json", stage_dir / "fooled.md", plot):
         tracker.log_artifact(path)
-    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
     lines = [f"{'mode':<20}{'pairs':>7}{'accuracy':>10}{'auroc':>8}"]
     lines += [f"{m:<20}{d['pairs']:>7}{d['accuracy']:>10.3f}{d['auroc']:>8.3f}" for m, d in results["per_mode"].items()]
     print(f"Reward model on {results['n_examples']} held-out examples:\n" + "\n".join(lines), flush=True)

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from kernels.logprob import resolve_impl
 from trainer import checkpoint, distributed, preemption, tracking
-from trainer.algorithms.losses import sft_loss
-from trainer.config import BatchPlan, Config, plan_batches, to_yaml
+from trainer.algorithms.losses import token_mean_loss
+from trainer.config import BatchPlan, Config, plan_batches
 from trainer.data import sampling
 from trainer.data.collate import SFTBatch, collate_packed, collate_sft
 from trainer.data.prompts import PromptBuilder, TokenizedExample
@@ -52,8 +52,9 @@ class SFTState:
 
 
 def run(cfg: Config) -> Path:
-    dist, stage_dir, done = common.begin(cfg, "sft", "SFT")
-    if done:
+    start = common.begin(cfg, "sft", "SFT", inputs={"base": cfg.model.path})
+    dist, stage_dir = start.dist, start.stage_dir
+    if start.done:
         return stage_dir / "model"
     ckpt_root = stage_dir / "checkpoints"
     tokenizer = load_tokenizer(cfg.model)
@@ -65,32 +66,29 @@ def run(cfg: Config) -> Path:
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
                  attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
-    engine, ds = distributed.engine_for(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), cfg.sft, plan,
+    engine, ds = distributed.engine_for(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), cfg.sft.optim(), plan,
                                         total_steps=total_steps, ds_config=cfg.deepspeed.config,
                                         hidden_size=lm.config.hidden_size)
     state = SFTState(**(checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {}))
 
     tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id)
     state.run_id = tracker.run_id if dist.is_main else None
-    if dist.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "config.yaml").write_text(to_yaml(cfg))
-        print(f"Resolved config:\n{to_yaml(cfg)}", flush=True)
-        tracker.log_artifact(stage_dir / "config.yaml")
-        tracker.log_params({"runtime.attention": attn.implementation, "runtime.world_size": dist.world_size,
-                            "runtime.logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device)})
-        tracker.log_metrics({"data/train_examples": len(train), "data/total_steps": total_steps,
-                             "data/grad_accum": plan.grad_accum, "data/world_size": dist.world_size})
+    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
+        "attention": attn.implementation, "world_size": dist.world_size,
+        "logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device), "train_examples": len(train),
+        "total_steps": total_steps, "grad_accum": plan.grad_accum})
     with tracking.closing(tracker):
         _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state, tracker, dist, ckpt_root)
         _finish(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist, stage_dir, ckpt_root)
+        if dist.is_main:
+            common.mark_done(cfg, stage_dir, "sft", state.run_id, start.identity)
     return stage_dir / "model"
 
 
 def _load_data(cfg: Config, tokenizer, dist: DistInfo) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
     builder = PromptBuilder(tokenizer, cfg.prompt)
     train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
-    val_ex = load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples)
+    val_ex = load_split(cfg.data, cfg.data.dev_split, cfg.data.max_eval_examples)
     train, report = builder.tokenize(train_ex)
     val, _ = builder.tokenize(val_ex[: max(cfg.sft.eval_examples, cfg.sft.num_samples)])
     if dist.is_main:
@@ -114,7 +112,7 @@ def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision
         mb = mb.to(device)
         with distributed.autocast(precision, device):
             nll_sum = -engine(mb.input_ids, mb.attention_mask, mb.target_mask, mb.position_ids, reduction="sum")
-        loss = sft_loss(nll_sum, global_tokens=global_tokens, grad_accum=plan.grad_accum, world_size=plan.world_size)
+        loss = token_mean_loss(nll_sum, global_tokens=global_tokens, grad_accum=plan.grad_accum, world_size=plan.world_size)
         if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
             raise UserError(
                 f"sft loss became {float(loss)} (not finite) before the update. The weights were not changed. "
@@ -230,10 +228,8 @@ def _finish(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist,
                "final_val_loss": state.val_history[-1][1] if state.val_history else None,
                "loss_history": state.loss_history, "val_history": state.val_history}
     checkpoint.write_json_atomic(stage_dir / "metrics.json", summary)
-    checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": state.run_id, "stage": "sft"})
     plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": state.loss_history, "val loss": state.val_history},
                        title="SFT", ylabel="NLL per target token")
     for path in (stage_dir / "metrics.json", plot):
         tracker.log_artifact(path)
-    checkpoint.mark_complete(stage_dir, to_yaml(cfg))
     print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)

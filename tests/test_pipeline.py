@@ -1,0 +1,141 @@
+"""The whole pipeline on the tiny preset (SFT -> reward model -> PPO -> report), its MLflow record,
+stage identities, a PPO kill and exact resume, and PPO under 2-rank ZeRO-3. Real CLI subprocesses."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, TINY, run_cli
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_sft_run):
+    """The pipeline in the SFT run's folder: SFT is recognised as done (same identity) and skipped."""
+    out = tiny_sft_run
+    proc = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out, proc
+
+
+def _runs(out):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{out}/mlflow.db")
+    return mlflow.search_runs(experiment_names=["lastmile"])
+
+
+def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
+    out, proc = tiny_pipeline
+    assert "SFT already complete" in proc.stdout
+    report = (out / "report" / "report.md").read_text()
+    for system in ("| mle |", "| mle+post |", "| rl |", "| rl+post |"):
+        assert system in report
+    assert "| rl - mle |" in report and "examples where RL and MLE differ most" in report
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert results["data"]["split"] == "test" and results["n_examples"] == 8
+    assert {"rl - mle", "rl - mle+post", "rl+post - mle+post"} <= set(results["comparisons"])
+    for name in ("curves.png", "metrics.png", "samples.md"):
+        assert (out / "report" / name).stat().st_size > 500
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
+    history = json.loads((out / "ppo" / "history.json").read_text())
+    assert [h["iteration"] for h in history["history"]] == [1, 2, 3, 4]
+    assert all(h["parity/max_abs"] < 1e-3 for h in history["history"])  # fp32: generation = training forward
+
+    runs = _runs(out)
+    parent = runs[runs["tags.lastmile.stage"] == "pipeline"]
+    assert len(parent) == 1 and parent.iloc[0]["status"] == "FINISHED"
+    pid = parent.iloc[0]["run_id"]
+    children = runs[runs["tags.mlflow.parentRunId"] == pid]
+    names = sorted(children["tags.mlflow.runName"])
+    assert "ppo" in names and "evaluate:report" in names and "reward_model" in names
+    assert (children["status"] == "FINISHED").all()
+    assert len(runs[runs["tags.lastmile.stage"] == "ppo"]) == 1
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    ppo_run = children[children["tags.mlflow.runName"] == "ppo"].iloc[0]["run_id"]
+    steps = [m.step for m in client.get_metric_history(ppo_run, "reward/score_mean")]
+    assert steps == [1, 2, 3, 4]
+    assert {"report/report.md", "report/curves.png"} <= {a.path for a in client.list_artifacts(pid, "report")}
+
+
+def test_rerun_skips_finished_stages_and_refuses_changed_data(tiny_pipeline, tmp_path):
+    out, _ = tiny_pipeline
+    again = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "PPO already complete" in again.stdout and "unchanged" in again.stdout
+    data = tmp_path / "data"
+    data.mkdir()
+    row = {"id": "a", "document": "We study things. " * 20, "summary": "Things are studied."}
+    for split in ("train", "validation", "test"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({**row, "id": f"{split}{i}"}) + "\n" for i in range(40)))
+    changed = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"data.source={data}",
+                      "data.references_field=null", f"tracking.uri=sqlite:///{out}/mlflow.db")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert "made with other settings or inputs: data.source (aclsum ->" in changed.stderr
+    assert "Use a new output_dir" in changed.stderr
+
+
+def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
+    """SIGKILL after the iteration-2 checkpoint; the rerun resumes there and ends with the same
+    reward history as the uninterrupted pipeline, in one MLflow run without duplicated steps."""
+    src, _ = tiny_pipeline
+    out = tmp_path / "resume"
+    out.mkdir()
+    for stage in ("sft", "reward_model"):
+        shutil.copytree(src / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
+    args = [sys.executable, "-m", "trainer", "ppo", "--config", str(TINY), f"output_dir={out}"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    ckpt = out / "ppo" / "checkpoints" / "step-0000002"
+    deadline = time.time() + 300
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no checkpoint"
+    time.sleep(1.0)  # let iteration 3 start, so that its metrics reach MLflow before the kill
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    rerun = run_cli("ppo", "--config", str(TINY), f"output_dir={out}")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming from" in rerun.stderr
+    resumed = json.loads((out / "ppo" / "history.json").read_text())["history"]
+    reference = json.loads((src / "ppo" / "history.json").read_text())["history"]
+    assert [h["iteration"] for h in resumed] == [1, 2, 3, 4]
+    for key in ("reward/score_mean", "kl/seq_mean", "policy/loss"):
+        assert [h[key] for h in resumed] == pytest.approx([h[key] for h in reference], rel=1e-4, abs=1e-6)
+    runs = _runs(out)
+    ppo_runs = runs[runs["tags.lastmile.stage"] == "ppo"]
+    assert len(ppo_runs) == 1 and ppo_runs.iloc[0]["status"] == "FINISHED"
+    import mlflow
+
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(ppo_runs.iloc[0]["run_id"], "reward/score_mean")]
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
+    """`deepspeed --num_gpus 2 trainer/main.py ppo ... deepspeed.config=zero3` on CPU: the hybrid engine
+    gathers the partitioned actor for generation; parity holds; the published model loads."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    src, _ = tiny_pipeline
+    out = tmp_path / "z3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29519", "trainer/main.py", "ppo", "--config", str(TINY),
+           f"output_dir={out}", "deepspeed.config=zero3", f"ppo.init={src / 'sft' / 'model'}",
+           f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.iterations=2", "tracking.enabled=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "generation_gather all" in proc.stderr and "world_size 2" in proc.stderr
+    history = json.loads((out / "ppo" / "history.json").read_text())["history"]
+    assert len(history) == 2 and all(h["parity/max_abs"] < 1e-3 for h in history)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")

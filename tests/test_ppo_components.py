@@ -1,0 +1,156 @@
+"""PPO components on a tiny model in this process (ZeRO-3 with one rank has the same hooks and
+partitioning machinery as with many): EOS truncation, the hybrid engine's generation mode against
+plain `generate`, log-prob parity, one update, and 1x8 = 8x1 micro-batching through DeepSpeed."""
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer import distributed
+from trainer.config import OptimSettings, PPOConfig, load_config, plan_ppo
+from trainer.hybrid_engine import HybridEngine, Sampling, truncate_after_eos
+from trainer.models import TokenLogprobModel, load_causal_lm
+from trainer.rollout import Rollout, RolloutModels, response_logprobs
+
+from conftest import TINY
+
+OPTIM = OptimSettings(lr=1e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0)
+
+
+def test_truncate_after_eos():
+    eos = 2
+    tokens = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
+    mask, ended = truncate_after_eos(tokens, eos)
+    assert mask.tolist() == [[True, True, True, False, False], [True] * 5, [True, False, False, False, False]]
+    assert ended.tolist() == [True, False, True]
+
+
+@pytest.fixture(scope="module")
+def dist():
+    return distributed.setup()
+
+
+def _engine(stage: int, micro: int, accum: int, lm=None):
+    cfg = load_config(TINY)
+    if lm is None:
+        lm, _ = load_causal_lm(cfg.model, torch.device("cpu"))
+    plan = plan_ppo(8, 1, micro * accum, micro, 1, 1).train
+    ds = distributed.ds_config_for(f"zero{stage}", plan, OPTIM, hidden_size=lm.config.hidden_size)
+    engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl="chunked"), ds, OPTIM, total_steps=10)
+    return engine, lm, ds
+
+
+def _prompts(n=4, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, 1000, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.bool)
+    mask[1, :3] = False  # left padding on one row
+    ids[1, :3] = 0
+    return ids, mask
+
+
+def test_generation_mode_matches_plain_generate_and_training_resumes(dist, tokenizer):
+    engine, lm, ds = _engine(3, micro=2, accum=1)
+    hybrid = HybridEngine(engine, lm, ds, torch.device("cpu"), gather="all")
+    assert hybrid.gather == "all"
+    ids, mask = _prompts()
+    with hybrid.generation_mode():
+        full = {n: p.detach().clone() for n, p in lm.named_parameters()}
+        assert all(p.numel() == p.ds_numel for p in lm.parameters())  # whole weights while generating
+        g = hybrid.generate(ids, mask, Sampling(12, do_sample=False), eos_id=tokenizer.eos_token_id,
+                            pad_id=tokenizer.pad_token_id)
+    plain = load_causal_lm(load_config(TINY).model, torch.device("cpu"))[0].eval()
+    missing, _ = plain.load_state_dict(full, strict=False)
+    assert set(missing) <= {"lm_head.weight"}  # tied to the input embedding
+    with torch.no_grad():
+        out = plain.generate(input_ids=ids, attention_mask=mask.long(), max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    expected = out[:, ids.shape[1]:]
+    assert torch.equal(g.response_ids[g.response_mask], expected[:, : g.response_ids.shape[1]][g.response_mask])
+    # back in training mode: partitioned again, hooks back, and a training step works
+    assert all(p.numel() == 0 for p in lm.parameters() if p.ds_numel > 10 * lm.config.hidden_size)
+    assert len(engine.optimizer.parameter_offload.forward_hooks) > 0
+    # parity: the training forward reproduces the log-probs recorded while generating
+    r = Rollout((0, 1, 2, 3), ids, mask, g.response_ids, g.response_mask, g.ended, ("",) * 4, g.logprobs)
+    models = RolloutModels(hybrid, engine, None, None, None, tokenizer, {"mean": 0.0, "std": 1.0},
+                           torch.device("cpu"), "fp32", 2, "chunked")
+    train_lp = response_logprobs(engine, r, models)
+    assert (train_lp - g.logprobs)[g.response_mask].abs().max() < 1e-4
+    before = [p.ds_tensor.clone() for p in lm.parameters()]
+    seq, attn, target = r.sequences(torch.device("cpu"))
+    for half in (slice(0, 2), slice(2, 4)):
+        loss = -engine(seq[half], attn[half], target[half], reduction="sum") / 10
+        engine.backward(loss)
+        engine.step()
+    assert any(not torch.equal(b, p.ds_tensor) for b, p in zip(before, lm.parameters()))
+
+
+def _fake_rollout(n=8, P=5, R=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(10, 1000, (n, P), generator=g)
+    resp = torch.randint(10, 1000, (n, R), generator=g)
+    rmask = torch.ones(n, R, dtype=torch.bool)
+    for i in range(n):
+        rmask[i, R - (i % 3):] = False  # different response lengths
+    old = -torch.rand(n, R, generator=g) * 3
+    return Rollout(tuple(range(n)), prompt, torch.ones(n, P, dtype=torch.bool), resp, rmask,
+                   torch.ones(n, dtype=torch.bool), ("",) * n, old, old_logprobs=old, ref_logprobs=old,
+                   scores=torch.randn(n, generator=g))
+
+
+def _update_weights(micro: int, accum: int, lm) -> dict[str, torch.Tensor]:
+    from trainer.stages import ppo
+
+    engine, lm, ds = _engine(2, micro, accum, lm=lm)
+    cfg = load_config(TINY, ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.clip_range=0.2"])
+    plan = plan_ppo(8 // 2, 2, 8, micro, 1, 1)
+    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", micro, "chunked")
+    ctx = SimpleNamespace(cfg=cfg, plan=plan, models=models, dist=SimpleNamespace(rank=0))
+    b = _fake_rollout()
+    adv = torch.linspace(-1, 1, 8)[:, None] * b.response_mask
+    stats = ppo.update(ctx, b, adv, None, iteration=0)
+    assert stats["policy/clipfrac"] >= 0 and torch.isfinite(torch.tensor(stats["policy/loss"]))
+    return {k: v.detach().clone() for k, v in lm.state_dict().items()}
+
+
+def test_one_by_eight_equals_eight_by_one_through_deepspeed(dist):
+    base, _ = load_causal_lm(load_config(TINY).model, torch.device("cpu"))
+    a = _update_weights(8, 1, copy.deepcopy(base))
+    b = _update_weights(1, 8, copy.deepcopy(base))
+    changed = max((a[k] - base.state_dict()[k]).abs().max().item() for k in a)
+    assert changed > 1e-4  # the update moved the weights
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert diff < 1e-5 * max(1.0, changed) + 1e-6
+
+
+def test_update_lowers_the_surrogate(dist):
+    """One PPO update on fixed advantages raises the log-prob of positive-advantage tokens."""
+    from trainer.stages import ppo
+
+    engine, lm, _ = _engine(2, 4, 2)
+    cfg = load_config(TINY)
+    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", 4, "chunked")
+    b = _fake_rollout()
+    first = response_logprobs(engine, b, models)
+    b = Rollout(**{**b.__dict__, "old_logprobs": first})
+    adv = torch.where(torch.arange(8)[:, None] < 4, 1.0, -1.0) * b.response_mask
+    ctx = SimpleNamespace(cfg=cfg, plan=plan_ppo(8, 1, 8, 4, 1, 1), models=models, dist=SimpleNamespace(rank=0))
+    ppo.update(ctx, b, adv, None, iteration=0)
+    after = response_logprobs(engine, b, models)
+    surrogate = lambda lp: -((lp - first).exp() * adv)[b.response_mask].sum()  # noqa: E731
+    assert surrogate(after) < surrogate(first)
+
+
+def test_ppo_batch_plan_divides_exactly():
+    plan = plan_ppo(8, 4, 16, 2, 2, 2)
+    assert (plan.rollout, plan.rollout_per_rank, plan.minibatches, plan.steps_per_iteration) == (32, 16, 2, 4)
+    assert (plan.train.global_batch, plan.train.grad_accum) == (16, 4)
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ppo.minibatch_size \(12\) does not divide"):
+        plan_ppo(8, 4, 12, 2, 1, 2)
+    with pytest.raises(ConfigError, match="prompts_per_iteration"):
+        plan_ppo(3, 1, 3, 1, 1, 2)
+    assert PPOConfig().advantage == "gae"

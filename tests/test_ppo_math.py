@@ -1,0 +1,273 @@
+"""The PPO stage's pure math (KL, reward shaping, KL controller, GAE, group baselines, whitening,
+clipped losses) against numbers computed by hand in the comments."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from trainer.algorithms.advantages import compute_gae, group_advantages, masked_whiten
+from trainer.algorithms.kl import KLController, kl_per_token, shape_rewards
+from trainer.algorithms.losses import policy_loss, value_loss
+
+
+def close(actual, expected, atol=1e-5):
+    return torch.allclose(torch.as_tensor(actual, dtype=torch.float32),
+                          torch.as_tensor(expected, dtype=torch.float32), atol=atol)
+
+
+# ----------------------------------------------------------------------------------------- KL
+
+
+def test_kl_estimators_hand_values():
+    logprobs = torch.tensor([[-1.0, -2.0, 7.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -50.0]])
+    mask = torch.tensor([[True, True, False]])  # the third token is padding with garbage log-probs
+    # d = ref - logp = [-0.5, 1.0]
+    # k1 = -d = [0.5, -1.0]
+    assert close(kl_per_token(logprobs, ref_logprobs, mask, estimator="k1"), [[0.5, -1.0, 0.0]])
+    # k2 = d^2 / 2 = [0.125, 0.5]
+    assert close(kl_per_token(logprobs, ref_logprobs, mask, estimator="k2"), [[0.125, 0.5, 0.0]])
+    # k3 = exp(d) - d - 1 = [e^-0.5 + 0.5 - 1, e - 1 - 1] = [0.1065307, 0.7182818]
+    assert close(kl_per_token(logprobs, ref_logprobs, mask, estimator="k3"),
+                 [[math.exp(-0.5) - 0.5, math.e - 2.0, 0.0]])
+    with pytest.raises(ValueError, match="k4"):
+        kl_per_token(logprobs, ref_logprobs, mask, estimator="k4")
+
+
+def test_k3_and_k2_are_nonnegative_and_zero_when_policies_agree():
+    torch.manual_seed(0)
+    logprobs, ref_logprobs = -torch.rand(4, 16) * 5, -torch.rand(4, 16) * 5
+    mask = torch.rand(4, 16) > 0.3
+    for estimator in ("k2", "k3"):
+        assert (kl_per_token(logprobs, ref_logprobs, mask, estimator=estimator) >= 0).all()
+        assert (kl_per_token(logprobs, logprobs, mask, estimator=estimator) == 0).all()
+
+
+def test_kl_padding_gives_no_nan_gradient():
+    logprobs = torch.tensor([[-1.0, 80.0]], requires_grad=True)  # exp(d) would overflow at the pad
+    ref_logprobs = torch.tensor([[-2.0, -80.0]])
+    kl = kl_per_token(logprobs, ref_logprobs, torch.tensor([[True, False]]), estimator="k3")
+    (grad,) = torch.autograd.grad(kl.sum(), logprobs)
+    # d(k3)/d(logp) = -(exp(d) - 1) with d = -1: 1 - e^-1 = 0.6321206; zero at the pad
+    assert close(grad, [[1 - math.exp(-1.0), 0.0]])
+
+
+def test_shape_rewards_puts_the_score_on_the_last_real_token():
+    scores = torch.tensor([2.0, -1.0, 3.0])
+    kl = torch.tensor([[1.0, 2.0, 9.0], [0.5, 0.5, 0.5], [4.0, 4.0, 4.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    rewards = shape_rewards(scores, kl, mask, kl_coef=0.1)
+    # row 0: [-0.1*1, -0.1*2 + 2, pad] = [-0.1, 1.8, 0]
+    # row 1: [-0.05, -0.05, -0.05 - 1] = [-0.05, -0.05, -1.05]
+    # row 2: no real token -> all zeros (its score is dropped)
+    assert close(rewards, [[-0.1, 1.8, 0.0], [-0.05, -0.05, -1.05], [0.0, 0.0, 0.0]])
+
+
+def test_shape_rewards_finds_the_last_true_position_in_any_mask():
+    scores = torch.tensor([5.0])
+    kl = torch.zeros(1, 5)
+    mask = torch.tensor([[False, True, False, True, False]])  # not a contiguous prefix
+    assert close(shape_rewards(scores, kl, mask, kl_coef=0.1), [[0.0, 0.0, 0.0, 5.0, 0.0]])
+
+
+def test_adaptive_kl_controller_moves_towards_the_target_and_clips_at_20_percent():
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=12.0, n_steps=1000)
+    # error = clip(12/6 - 1 = 1.0, -0.2, 0.2) = 0.2; coef = 0.1 * (1 + 0.2 * 1000/10000) = 0.102
+    assert ctl.value == pytest.approx(0.102)
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=5.7, n_steps=1000)
+    # error = 5.7/6 - 1 = -0.05 (inside the clip); coef = 0.1 * (1 - 0.05 * 0.1) = 0.0995
+    assert ctl.value == pytest.approx(0.0995)
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=0.0, n_steps=1000)
+    # error = clip(-1.0) = -0.2; coef = 0.1 * (1 - 0.02) = 0.098
+    assert ctl.value == pytest.approx(0.098)
+
+
+def test_fixed_kl_controller_stays_fixed():
+    ctl = KLController(0.05)
+    for kl in (0.0, 100.0, 3.0):
+        ctl.update(current_kl=kl, n_steps=512)
+    assert ctl.value == 0.05
+
+
+def test_kl_controller_state_round_trip_through_json():
+    ctl = KLController(0.1, target=6.0, horizon=10000)
+    ctl.update(current_kl=12.0, n_steps=1000)
+    restored = KLController(0.1, target=6.0, horizon=10000)
+    restored.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert restored.value == ctl.value == pytest.approx(0.102)
+    ctl.update(current_kl=9.0, n_steps=500)
+    restored.update(current_kl=9.0, n_steps=500)
+    assert restored.value == ctl.value
+
+
+def test_kl_controller_rejects_bad_settings():
+    with pytest.raises(ValueError, match="target"):
+        KLController(0.1, target=0.0)
+    with pytest.raises(ValueError, match="horizon"):
+        KLController(0.1, target=6.0, horizon=0)
+
+
+# ------------------------------------------------------------------------------------------ GAE
+
+
+def test_gae_gamma_1_lambda_1_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    # delta_2 = 2 + 0 - 1.5 = 0.5 (V after the last token is 0)
+    # delta_1 = 0 + 1.5 - 1.0 = 0.5
+    # delta_0 = 1 + 1.0 - 0.5 = 1.5
+    # A = [1.5 + 0.5 + 0.5, 0.5 + 0.5, 0.5] = [2.5, 1.0, 0.5]; returns = A + V = [3, 2, 2] (reward-to-go)
+    assert close(advantages, [[2.5, 1.0, 0.5]])
+    assert close(returns, [[3.0, 2.0, 2.0]])
+
+
+def test_gae_gamma_09_lambda_05_hand_values():
+    rewards = torch.tensor([[1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    # gamma * lam = 0.45
+    # delta_2 = 2 + 0.9*0 - 1.5 = 0.5;       A_2 = 0.5
+    # delta_1 = 0 + 0.9*1.5 - 1.0 = 0.35;    A_1 = 0.35 + 0.45*0.5 = 0.575
+    # delta_0 = 1 + 0.9*1.0 - 0.5 = 1.4;     A_0 = 1.4 + 0.45*0.575 = 1.65875
+    # returns = A + V = [2.15875, 1.575, 2.0]
+    assert close(advantages, [[1.65875, 0.575, 0.5]])
+    assert close(returns, [[2.15875, 1.575, 2.0]])
+
+
+def test_gae_ignores_padding():
+    """A padded row gives the numbers of the unpadded row; padding's rewards and values are ignored
+    and both outputs are 0 there (right padding, and a hole in the middle)."""
+    rewards = torch.tensor([[1.0, 0.0, 2.0, 5.0, 5.0], [1.0, 9.0, 0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 7.0, 7.0], [0.5, -3.0, 1.0, 1.5, 8.0]])
+    mask = torch.tensor([[True, True, True, False, False], [True, False, True, True, False]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    assert close(advantages, [[1.65875, 0.575, 0.5, 0.0, 0.0], [1.65875, 0.0, 0.575, 0.5, 0.0]])
+    assert close(returns, [[2.15875, 1.575, 2.0, 0.0, 0.0], [2.15875, 0.0, 1.575, 2.0, 0.0]])
+
+
+def test_gae_rows_are_independent_and_outputs_have_no_grad():
+    rewards = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5], [0.0, 0.0, 0.0]], requires_grad=True)
+    advantages, returns = compute_gae(rewards, values, torch.ones(2, 3, dtype=torch.bool), gamma=1.0, lam=1.0)
+    assert close(advantages[1], [0.0, 0.0, 0.0]) and close(advantages[0], [2.5, 1.0, 0.5])
+    assert not advantages.requires_grad and not returns.requires_grad
+
+
+# ------------------------------------------------------------------------------- group baselines
+
+
+def test_rloo_hand_values():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # groups [1, 2], [3, 4]: s_i - the other one = [1-2, 2-1, 3-4, 4-3]
+    assert close(group_advantages(scores, 2, estimator="rloo"), [-1.0, 1.0, -1.0, 1.0])
+    # one group of 4: s_i - mean of the other three:
+    # 1 - (2+3+4)/3 = -2; 2 - 8/3 = -2/3; 3 - 7/3 = 2/3; 4 - 6/3 = 2
+    assert close(group_advantages(scores, 4, estimator="rloo"), [-2.0, -2 / 3, 2 / 3, 2.0])
+
+
+def test_grpo_hand_values():
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # group [1, 2]: mean 1.5, unbiased std = sqrt((0.25 + 0.25) / 1) = 0.7071068 -> -+0.5/0.7071068
+    s = 0.5 / math.sqrt(0.5)
+    assert close(group_advantages(scores, 2, estimator="grpo", eps=0.0), [-s, s, -s, s])
+    # group [1, 2, 3, 4]: mean 2.5, unbiased var = (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3, std = 1.2909944
+    std = math.sqrt(5 / 3)
+    assert close(group_advantages(scores, 4, estimator="grpo", eps=0.0), [-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std])
+    # eps keeps a group of equal scores at 0 instead of 0/0
+    assert close(group_advantages(torch.tensor([3.0, 3.0, 1.0, 2.0]), 2, estimator="grpo"), [0.0, 0.0, -s, s],
+                 atol=1e-4)
+
+
+def test_group_advantages_rejects_bad_groups():
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        group_advantages(torch.arange(5.0), 2, estimator="rloo")
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(torch.arange(4.0), 1, estimator="grpo")
+    with pytest.raises(ValueError, match="ppo"):
+        group_advantages(torch.arange(4.0), 2, estimator="ppo")
+
+
+# ------------------------------------------------------------------------------------ whitening
+
+
+def test_masked_whiten_mean_0_var_1_over_the_mask_and_zero_outside():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 100.0, -100.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    # real entries 1..5: mean 3, population variance (4 + 1 + 0 + 1 + 4) / 5 = 2
+    r2 = math.sqrt(2.0)
+    whitened = masked_whiten(values, mask)
+    assert close(whitened, [[-2 / r2, -1 / r2, 0.0, 0.0], [1 / r2, 2 / r2, 0.0, 0.0]])
+    real = whitened[mask]
+    assert abs(float(real.mean())) < 1e-6 and abs(float(real.var(unbiased=False)) - 1.0) < 1e-5
+    # shift_mean=False keeps the mean (3) and only rescales
+    assert close(masked_whiten(values, mask, shift_mean=False),
+                 [[3 - 2 / r2, 3 - 1 / r2, 3.0, 0.0], [3 + 1 / r2, 3 + 2 / r2, 0.0, 0.0]])
+
+
+# --------------------------------------------------------------------------------------- losses
+
+
+def test_policy_loss_inside_the_clip_range_is_the_plain_surrogate():
+    old = torch.tensor([[-1.0, -2.0]])
+    logprobs = (old + torch.tensor([[0.1, -0.1]])).requires_grad_()
+    advantages = torch.tensor([[1.0, -2.0]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    ratio = torch.exp(torch.tensor([0.1, -0.1]))  # [1.1051709, 0.9048374], both in [0.8, 1.2]
+    # -sum(A * ratio) = -(1.1051709 - 1.8096748) = 0.7045039
+    assert close(loss, -(advantages[0] * ratio).sum()) and close(loss, 0.7045039)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert close(grad, [(-advantages[0] * ratio).tolist()])  # d/dlogp (-A * ratio) = -A * ratio
+    assert stats["clipped"] == 0 and stats["tokens"] == 2
+    assert stats["ratio"] == pytest.approx(float(ratio.sum()))
+    assert stats["approx_kl"] == pytest.approx(0.5 * 0.01 * 2)  # 0.5 * 0.1^2 per token
+
+
+def test_policy_loss_outside_the_clip_range_takes_the_pessimistic_term():
+    old = torch.tensor([[-1.0, -1.0, -1.0, -1.0, -3.0]])
+    ratio = torch.tensor([[1.5, 1.5, 0.5, 0.5, 1.0]])
+    logprobs = (old + ratio.log()).detach()
+    logprobs[0, 4] = 90.0  # padding with a garbage log-prob: exp(93) must not leak a nan
+    logprobs.requires_grad_()
+    advantages = torch.tensor([[1.0, -1.0, -1.0, 1.0, 4.0]])
+    mask = torch.tensor([[True, True, True, True, False]])
+    loss, stats = policy_loss(logprobs, old, advantages, mask, clip_range=0.2)
+    # token 0: A=+1, ratio 1.5: max(-1.5, -1.2) = -1.2  clipped
+    # token 1: A=-1, ratio 1.5: max( 1.5,  1.2) =  1.5  unclipped, grad -A*ratio = 1.5
+    # token 2: A=-1, ratio 0.5: max( 0.5,  0.8) =  0.8  clipped
+    # token 3: A=+1, ratio 0.5: max(-0.5, -0.8) = -0.5  unclipped, grad -A*ratio = -0.5
+    # sum = -1.2 + 1.5 + 0.8 - 0.5 = 0.6
+    assert close(loss, 0.6)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert close(grad, [[0.0, 1.5, 0.0, -0.5, 0.0]])  # zero gradient where clipped and at the pad
+    # approx_kl = 0.5 * (2 ln(1.5)^2 + 2 ln(0.5)^2) = ln(1.5)^2 + ln(2)^2 = 0.1644019 + 0.4804530
+    assert stats == pytest.approx({"clipped": 2.0, "approx_kl": math.log(1.5) ** 2 + math.log(2) ** 2,
+                                   "ratio": 4.0, "tokens": 4.0})
+
+
+def test_value_loss_hand_values():
+    values = torch.tensor([[1.0, 1.5, 1.5, 50.0]], requires_grad=True)
+    old_values = torch.tensor([[0.9, 1.0, 1.0, 0.0]])
+    returns = torch.tensor([[2.0, 2.0, 1.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    loss, stats = value_loss(values, old_values, returns, mask, clip_range=0.2)
+    # token 0: v=1.0 within 0.9 +- 0.2 -> v_clip = 1.0; both errors (1-2)^2 = 1; 0.5 * 1 = 0.5
+    # token 1: v_clip = 1.2; (1.5-2)^2 = 0.25 < (1.2-2)^2 = 0.64 -> clipped; 0.5 * 0.64 = 0.32
+    # token 2: v_clip = 1.2; (1.5-1)^2 = 0.25 > (1.2-1)^2 = 0.04 -> unclipped; 0.5 * 0.25 = 0.125
+    # sum = 0.945
+    assert close(loss, 0.945)
+    (grad,) = torch.autograd.grad(loss, values)
+    # d/dv 0.5 (v - R)^2 = v - R: [-1, 0 (clipped), 0.5, 0 (pad)]
+    assert close(grad, [[-1.0, 0.0, 0.5, 0.0]])
+    # squared_error = 1 + 0.25 + 0.25 = 1.5
+    assert stats == pytest.approx({"clipped": 1.0, "squared_error": 1.5, "tokens": 3.0})
+
+

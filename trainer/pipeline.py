@@ -1,0 +1,75 @@
+"""The whole pipeline in one command: SFT -> reward model -> PPO -> evaluation and the report.
+
+    lastmile pipeline --config trainer/configs/demo.yaml
+    lastmile pipeline --config trainer/configs/tiny.yaml output_dir=D tracking.uri=sqlite:///D/mlflow.db
+
+One MLflow parent run (`pipeline`), one child run per stage. A rerun skips each stage whose identity
+(its settings and inputs, see stages/common.py) is unchanged and resumes an interrupted one; a stage
+whose identity changed stops the pipeline with a message naming the change. The parent run id is
+kept in <output_dir>/pipeline_run.json so that a resumed pipeline reopens the same parent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from trainer import checkpoint, distributed, preemption, report, tracking
+from trainer.config import Config, flatten, to_dict
+from trainer.stages import ppo, reward_model, sft
+
+
+def run(cfg: Config) -> dict:
+    dist = distributed.setup()
+    parent = _open_parent(cfg) if dist.is_main and cfg.tracking.enabled else None
+    ids = distributed.gather_objects(parent)
+    cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=ids[0]))
+    status = "FAILED"
+    try:
+        sft.run(cfg)
+        reward_model.run(cfg)
+        ppo.run(cfg)
+        results = report.run(cfg)
+        status = "FINISHED"
+        return results
+    except (preemption.Preempted, KeyboardInterrupt):
+        status = tracking.INTERRUPTED
+        raise
+    finally:
+        if parent:
+            _close_parent(cfg, parent, status)
+
+
+def _open_parent(cfg: Config) -> str:
+    """The pipeline's parent run: reopened on a rerun, created otherwise (rank 0)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    client = mlflow.MlflowClient()
+    record = Path(cfg.output_dir) / "pipeline_run.json"
+    if record.is_file():
+        run_id = json.loads(record.read_text())["run_id"]
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "lastmile.resumed", "true")
+        return run_id
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    run = client.create_run(exp_id, run_name="pipeline", tags={
+        "lastmile.pipeline_id": tracking.pipeline_id(cfg), "lastmile.stage": "pipeline",
+        "lastmile.git_sha": tracking.git_sha(), "lastmile.output_dir": str(Path(cfg.output_dir).resolve())})
+    params = [mlflow.entities.Param(k, "null" if v is None else str(v)[:6000]) for k, v in flatten(to_dict(cfg)).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    checkpoint.write_json_atomic(record, {"run_id": run.info.run_id})
+    return run.info.run_id
+
+
+def _close_parent(cfg: Config, run_id: str, status: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    if status == tracking.INTERRUPTED:
+        client.set_tag(run_id, "lastmile.status", "interrupted")
+    client.set_terminated(run_id, status=status)

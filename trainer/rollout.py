@@ -1,0 +1,188 @@
+"""PPO's experience: sample responses, score them, and record old / reference log-probs and values.
+
+One `Rollout` per rank per iteration. Rows are this rank's prompts, each repeated
+`samples_per_prompt` times in a row (the groups of the critic-free estimators stay on one rank).
+Every forward pass here runs the same number of micro-batches on every rank, as ZeRO-3 needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from trainer import distributed, metrics
+from trainer.algorithms.rewards import hybrid_reward
+from trainer.config import RewardConfig
+from trainer.data.collate import collate_prompts
+from trainer.data.prompts import TokenizedExample
+from trainer.data.records import Example
+from trainer.hybrid_engine import HybridEngine, Sampling
+
+
+@dataclass(frozen=True)
+class Rollout:
+    example_idx: tuple[int, ...]  # (B,) row -> index of its example in the prompt pool
+    prompt_ids: torch.Tensor  # (B, P) long, left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool
+    response_ids: torch.Tensor  # (B, R) long, pad after the first EOS
+    response_mask: torch.Tensor  # (B, R) bool, True up to and including EOS
+    ended: torch.Tensor  # (B,) bool, the response produced EOS
+    texts: tuple[str, ...]  # (B,) decoded responses
+    gen_logprobs: torch.Tensor  # (B, R) recorded while generating
+    old_logprobs: torch.Tensor | None = None  # (B, R) training-mode actor forward before the update
+    ref_logprobs: torch.Tensor | None = None  # (B, R) frozen reference
+    values: torch.Tensor | None = None  # (B, R) critic, value of the state before each response token
+    scores: torch.Tensor | None = None  # (B,) hybrid reward before KL shaping
+    reward_parts: dict[str, torch.Tensor] | None = None  # name -> (B,) the terms of `scores`
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def rows(self, idx: list[int] | torch.Tensor) -> "Rollout":
+        """A sub-batch of rows (a minibatch)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        pick = lambda t: None if t is None else t[idx]  # noqa: E731
+        return dataclasses.replace(
+            self, example_idx=tuple(self.example_idx[i] for i in idx.tolist()), prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx],
+            response_mask=self.response_mask[idx], ended=self.ended[idx],
+            texts=tuple(self.texts[i] for i in idx.tolist()), gen_logprobs=self.gen_logprobs[idx],
+            old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs), values=pick(self.values),
+            scores=pick(self.scores),
+            reward_parts=None if self.reward_parts is None else {k: v[idx] for k, v in self.reward_parts.items()})
+
+    def sequences(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids (B, P+R), attention_mask (B, P+R) bool, target_mask (B, P+R) bool on response tokens)."""
+        ids = torch.cat([self.prompt_ids, self.response_ids], 1).to(device)
+        mask = torch.cat([self.prompt_mask, self.response_mask], 1).to(device)
+        target = torch.cat([torch.zeros_like(self.prompt_mask), self.response_mask], 1).to(device)
+        return ids, mask, target
+
+
+@dataclass
+class RolloutModels:
+    """Everything a rollout touches; built once by the PPO stage."""
+
+    actor: HybridEngine
+    actor_engine: object  # DeepSpeed engine over TokenLogprobModel(actor lm)
+    ref: object  # inference engine or module: TokenLogprobModel(reference lm)
+    rm: object  # inference engine or module: ScalarRewardModel
+    critic: object | None  # DeepSpeed engine over ValueModel, None for critic-free estimators
+    tokenizer: object
+    rm_stats: dict[str, float]  # mean/std of reference scores (reward_stats.json)
+    device: torch.device
+    precision: str
+    micro_batch: int
+    logprob_impl: str
+
+
+def sample(models: RolloutModels, prompts: list[TokenizedExample], example_idx: list[int], sampling: Sampling,
+           *, batch_size: int) -> Rollout:
+    """Generate one response per row (rows already repeated per sample) in generation mode."""
+    tok = models.tokenizer
+    parts = []
+    with models.actor.generation_mode():
+        for i in range(0, len(prompts), batch_size):
+            batch = collate_prompts(prompts[i : i + batch_size], tok.pad_token_id)
+            g = models.actor.generate(batch.prompt_ids, batch.prompt_mask, sampling, eos_id=tok.eos_token_id,
+                                      pad_id=tok.pad_token_id,
+                                      autocast_ctx=distributed.autocast(models.precision, models.device))
+            parts.append((batch, g))
+    P = max(b.prompt_ids.shape[1] for b, _ in parts)
+    R = max(g.response_ids.shape[1] for _, g in parts)
+
+    def cat(tensors, width, value, left=False):
+        padded = []
+        for t in tensors:
+            pad = torch.full((t.shape[0], width - t.shape[1]), value, dtype=t.dtype, device=t.device)
+            padded.append(torch.cat([pad, t] if left else [t, pad], 1))
+        return torch.cat(padded, 0).cpu()
+
+    response_ids = cat([g.response_ids for _, g in parts], R, tok.pad_token_id)
+    response_mask = cat([g.response_mask for _, g in parts], R, False)
+    texts = [t.strip() for t in tok.batch_decode(response_ids.masked_fill(~response_mask, tok.pad_token_id),
+                                                 skip_special_tokens=True)]
+    return Rollout(
+        example_idx=tuple(example_idx),
+        prompt_ids=cat([b.prompt_ids for b, _ in parts], P, tok.pad_token_id, left=True),
+        prompt_mask=cat([b.prompt_mask for b, _ in parts], P, False, left=True),
+        response_ids=response_ids, response_mask=response_mask,
+        ended=torch.cat([g.ended for _, g in parts]).cpu(), texts=tuple(texts),
+        gen_logprobs=cat([g.logprobs for _, g in parts], R, 0.0),
+    )
+
+
+def _micro_batches(n: int, micro: int) -> list[range]:
+    return [range(i, min(i + micro, n)) for i in range(0, n, micro)]
+
+
+@torch.no_grad()
+def response_logprobs(model, rollout: Rollout, models: RolloutModels) -> torch.Tensor:
+    """Log-probs (B, R) of the response tokens under `model` (a TokenLogprobModel or its engine)."""
+    P = rollout.prompt_ids.shape[1]
+    out = []
+    for r in _micro_batches(len(rollout), models.micro_batch):
+        ids, mask, target = rollout.rows(list(r)).sequences(models.device)
+        with distributed.autocast(models.precision, models.device):
+            logp, _ = model(ids, mask, target)  # (b, T-1), aligned with ids[:, 1:]
+        out.append(logp[:, P - 1 :].float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def response_values(critic, rollout: Rollout, models: RolloutModels) -> torch.Tensor:
+    """Values (B, R): the critic at the position before each response token, zero where masked."""
+    P = rollout.prompt_ids.shape[1]
+    out = []
+    for r in _micro_batches(len(rollout), models.micro_batch):
+        sub = rollout.rows(list(r))
+        ids, mask, _ = sub.sequences(models.device)
+        with distributed.autocast(models.precision, models.device):
+            v = critic(ids, mask)[:, P - 1 : -1].float().cpu()
+        out.append(torch.where(sub.response_mask, v, torch.zeros_like(v)))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reward_model_scores(rm, rollout: Rollout, models: RolloutModels) -> torch.Tensor:
+    """Raw reward-model scores (B,) of prompt + response without EOS, the form the reward model was
+    trained on (its score is read at the last real token)."""
+    eos = models.tokenizer.eos_token_id
+    out = []
+    for r in _micro_batches(len(rollout), models.micro_batch):
+        sub = rollout.rows(list(r))
+        ids = torch.cat([sub.prompt_ids, sub.response_ids], 1).to(models.device)
+        keep = sub.response_mask & (sub.response_ids != eos)
+        mask = torch.cat([sub.prompt_mask, keep], 1).to(models.device)
+        with distributed.autocast(models.precision, models.device):
+            out.append(rm(ids, mask).float().cpu())
+    return torch.cat(out)
+
+
+def score(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg: RewardConfig) -> Rollout:
+    """The hybrid reward per response: normalized reward-model score, reference-metric term, length penalty."""
+    raw = reward_model_scores(models.rm, rollout, models)
+    refs = [list(examples[i].references) for i in rollout.example_idx]
+    if cfg.metric != "none":
+        metric = torch.tensor(metrics.rouge_per_example(list(rollout.texts), refs)[cfg.metric])
+    else:
+        metric = torch.zeros(len(rollout))
+    ratio = torch.tensor([metrics.n_words(t) / max(1.0, sum(metrics.n_words(r) for r in rs) / len(rs))
+                          for t, rs in zip(rollout.texts, refs)])
+    total, parts = hybrid_reward(raw, metric, ratio, rollout.ended, rm_mean=models.rm_stats["mean"],
+                                 rm_std=models.rm_stats["std"], rm_weight=cfg.rm_weight, metric_weight=cfg.metric_weight,
+                                 length_target_ratio=cfg.length_target_ratio, length_penalty=cfg.length_penalty,
+                                 no_eos_penalty=cfg.no_eos_penalty, clip=cfg.clip)
+    return dataclasses.replace(rollout, scores=total, reward_parts={**parts, "rm_raw": raw, "metric": metric,
+                                                                     "length_ratio": ratio})
+
+
+def complete(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg: RewardConfig) -> Rollout:
+    """Scores, then the log-probs of the actor in training mode and of the reference, and values."""
+    rollout = score(rollout, models, examples, cfg)
+    old = response_logprobs(models.actor_engine, rollout, models)
+    ref = response_logprobs(models.ref, rollout, models)
+    values = response_values(models.critic, rollout, models) if models.critic is not None else None
+    return dataclasses.replace(rollout, old_logprobs=old, ref_logprobs=ref, values=values)

@@ -1,0 +1,327 @@
+"""PPO stage: RL fine-tuning of the SFT model against the hybrid reward, with a KL penalty.
+
+    lastmile ppo --config trainer/configs/tiny.yaml output_dir=runs/tiny
+    deepspeed --num_gpus 2 trainer/main.py ppo --config trainer/configs/tiny.yaml deepspeed.config=zero3
+
+Models: the actor (trained, from <output_dir>/sft/model), a frozen reference (the same weights),
+the reward model (<output_dir>/reward_model/model, frozen) and, for `ppo.advantage=gae`, a critic
+initialized from the reward model. Frozen models are inference engines (partitioned under ZeRO-3,
+no optimizer). One iteration reads: rollout -> rewards and advantages -> update -> log -> maybe
+evaluate and save. Writes <output_dir>/ppo/: model/ (the best checkpoint by `ppo.best_metric` on the
+dev split), history.json, curves.png, checkpoints/ (actor, critic, trainer state: resumable).
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import checkpoint, distributed, preemption, rollout, tracking
+from trainer.algorithms.advantages import compute_gae, group_advantages
+from trainer.algorithms.kl import KLController, kl_per_token, shape_rewards
+from trainer.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
+from trainer.config import Config, PPOPlan
+from trainer.data.sampling import micro_batch_indices
+from trainer.distributed import DistInfo
+from trainer.errors import UserError
+from trainer.hybrid_engine import Sampling
+from trainer.rollout import Rollout, RolloutModels
+from trainer.stages import common, ppo_setup
+from trainer.stages.ppo_eval import Evaluator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOState:
+    """Everything besides the engines needed to resume exactly; saved as trainer_state.json."""
+
+    iteration: int = 0
+    run_id: str | None = None
+    kl: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)  # one metrics dict per iteration
+    evals: list[dict] = field(default_factory=list)  # in-loop evaluations
+    best: dict | None = None  # {"iteration", "metric", "value"}
+    bad_batches: int = 0
+    alarms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class PPOContext:
+    cfg: Config
+    dist: DistInfo
+    plan: PPOPlan
+    models: RolloutModels
+    setup: ppo_setup.Setup
+    evaluator: Evaluator
+    kl: KLController
+    tracker: tracking.Tracker
+    stage_dir: Path
+    identity: dict
+
+
+def run(cfg: Config) -> Path:
+    init, rm_path = ppo_setup.input_paths(cfg)
+    start = common.begin(cfg, "ppo", "PPO", inputs={"init": init, "reward_model": rm_path})
+    dist, stage_dir = start.dist, start.stage_dir
+    if start.done:
+        return stage_dir / "model"
+    s = ppo_setup.build(cfg, dist)
+    plan = s.plan
+    extra = {"critic_engine": s.models.critic} if s.models.critic is not None else {}
+    state = PPOState(**(checkpoint.resume(s.models.actor_engine, stage_dir / "checkpoints", is_main=dist.is_main,
+                                          extra_engines=extra) or {}))
+    tracker = tracking.start(cfg, stage="ppo", is_main=dist.is_main, resume_run_id=state.run_id,
+                             upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "reward_model"))
+    state.run_id = tracker.run_id
+    kl = KLController(cfg.ppo.kl_coef, target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
+    if state.kl:
+        kl.load_state_dict(state.kl)
+    ctx = PPOContext(cfg, dist, plan, s.models, s, Evaluator(cfg, s, dist), kl, tracker, stage_dir, start.identity)
+    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime=s.runtime)
+    with tracking.closing(tracker):
+        train(ctx, state)
+        finish(ctx, state)
+    return stage_dir / "model"
+
+
+def train(ctx: PPOContext, state: PPOState) -> None:
+    o = ctx.cfg.ppo
+    if state.iteration == 0 and o.eval_every:
+        evaluate(ctx, state)  # the SFT model's in-loop scores: the start of every curve
+    bar = tqdm(total=o.iterations, initial=state.iteration, desc="ppo", unit="it", disable=not ctx.dist.is_main)
+    while state.iteration < o.iterations:
+        t0 = time.perf_counter()
+        batch = collect_rollout(ctx, state.iteration)
+        t_rollout = time.perf_counter() - t0
+        if not _finite(batch, state, o.max_bad_batches):
+            state.iteration += 1
+            continue
+        advantages, returns, kl_stats = compute_advantages(ctx, batch)
+        metrics = update(ctx, batch, advantages, returns, state.iteration)
+        ctx.kl.update(kl_stats["kl/seq_mean"], ctx.plan.rollout)
+        state.iteration += 1
+        metrics.update(kl_stats)
+        metrics.update(rollout_metrics(ctx, batch))
+        metrics.update({"kl/coef": ctx.kl.value, "time/rollout_s": t_rollout,
+                        "time/iteration_s": time.perf_counter() - t0,
+                        "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+        _check_parity(metrics, state, o.parity_bound)
+        state.history.append({"iteration": state.iteration, **metrics})
+        if ctx.dist.is_main:
+            ctx.tracker.log_metrics(metrics, step=state.iteration)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
+        if o.eval_every and state.iteration % o.eval_every == 0 and state.iteration < o.iterations:
+            evaluate(ctx, state)
+            if state.alarms and o.stop_on_alarm:
+                log.warning("stopping at iteration %d on alarm: %s", state.iteration, state.alarms[-1])
+                break
+        stop = preemption.requested()
+        if (o.save_every and state.iteration % o.save_every == 0) or stop:
+            save(ctx, state)
+        if stop:
+            bar.close()
+            raise preemption.Preempted(f"stopped at iteration {state.iteration}; the next run resumes from the checkpoint")
+    bar.close()
+
+
+def collect_rollout(ctx: PPOContext, iteration: int) -> Rollout:
+    """This rank's prompts for the iteration, each sampled `samples_per_prompt` times, then scored."""
+    o, s = ctx.cfg.ppo, ctx.setup
+    groups = micro_batch_indices(len(s.prompts), iteration, ctx.plan.prompt_plan, rank=ctx.dist.rank, seed=ctx.cfg.seed)
+    mine = [i for g in groups for i in g for _ in range(o.samples_per_prompt)]
+    torch.manual_seed(ctx.cfg.seed * 100_003 + iteration * 1_009 + ctx.dist.rank)  # exact resume, distinct ranks
+    sampling = Sampling(o.max_new_tokens, do_sample=True, temperature=o.temperature, top_p=o.top_p)
+    batch = rollout.sample(ctx.models, [s.prompts[i] for i in mine], mine, sampling, batch_size=ctx.plan.rollout_per_rank)
+    return rollout.complete(batch, ctx.models, s.examples, o.reward)
+
+
+def _finite(batch: Rollout, state: PPOState, max_bad: int) -> bool:
+    """Skip a rollout with non-finite rewards or log-probs (on every rank); stop when it persists."""
+    tensors = [batch.scores, batch.old_logprobs, batch.ref_logprobs] + ([batch.values] if batch.values is not None else [])
+    bad = distributed.all_reduce_sum(0.0 if all(torch.isfinite(t).all() for t in tensors) else 1.0) > 0
+    if not bad:
+        state.bad_batches = 0
+        return True
+    state.bad_batches += 1
+    log.warning("iteration %d: non-finite rewards or log-probs; the rollout is skipped (%d in a row)",
+                state.iteration + 1, state.bad_batches)
+    if state.bad_batches >= max_bad:
+        raise UserError(
+            f"{state.bad_batches} rollouts in a row had non-finite rewards or log-probs (limit ppo.max_bad_batches="
+            f"{max_bad}). The weights were last changed at iteration {state.iteration - state.bad_batches}. Lower "
+            "ppo.lr, set precision=fp32, or check the reward model with `lastmile reward-model`.")
+    return False
+
+
+def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """KL-shaped rewards and GAE with the critic, or group baselines (rloo/grpo) with the KL in the score."""
+    o = ctx.cfg.ppo
+    mask = b.response_mask
+    kl = kl_per_token(b.old_logprobs, b.ref_logprobs, mask, estimator=o.kl_estimator)  # (B, R)
+    kl_seq = kl.sum(-1)  # (B,)
+    if o.advantage == "gae":
+        rewards = shape_rewards(b.scores, kl, mask, kl_coef=ctx.kl.value)
+        advantages, returns = compute_gae(rewards, b.values, mask, gamma=o.gamma, lam=o.lam)
+    else:
+        seq = group_advantages(b.scores - ctx.kl.value * kl_seq, o.samples_per_prompt, estimator=o.advantage)
+        advantages, returns = seq[:, None] * mask, None
+    if o.whiten_advantages:
+        advantages = global_whiten(advantages, mask)
+    n = distributed.all_reduce_sum(len(b))
+    return advantages, returns, {"kl/seq_mean": distributed.all_reduce_sum(float(kl_seq.sum())) / n,
+                                 "kl/token_mean": distributed.all_reduce_sum(float(kl.sum())) /
+                                 distributed.all_reduce_sum(float(mask.sum()))}
+
+
+def global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (B, R) -> zero mean, unit variance over the real tokens of every rank's rollout (the same
+    result on 1 or N ranks); zero outside the mask."""
+    count = distributed.all_reduce_sum(float(mask.sum()))
+    mean = distributed.all_reduce_sum(float(masked_sum(x, mask))) / count
+    var = distributed.all_reduce_sum(float(masked_sum((x - mean) ** 2, mask))) / count
+    return torch.where(mask, (x - mean) / (var**0.5 + 1e-8), torch.zeros_like(x))
+
+
+def update(ctx: PPOContext, b: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None,
+           iteration: int) -> dict[str, float]:
+    """`epochs` passes over the rollout in minibatches; each minibatch is one optimizer step of the actor
+    (and critic), accumulated over micro-batches, loss = token-mean over the global minibatch."""
+    o, plan, m = ctx.cfg.ppo, ctx.plan, ctx.models
+    sums: dict[str, float] = {}
+    per_rank_minibatch = plan.train.micro_batch * plan.train.grad_accum
+    for epoch in range(o.epochs):
+        seed = ctx.cfg.seed * 1_000_003 + iteration * 1_009 + epoch * 31 + ctx.dist.rank
+        order = torch.randperm(len(b), generator=torch.Generator().manual_seed(seed))
+        for k in range(plan.minibatches):
+            rows = order[k * per_rank_minibatch : (k + 1) * per_rank_minibatch]
+            tokens = int(distributed.all_reduce_sum(float(b.response_mask[rows].sum())))
+            for j in range(0, len(rows), plan.train.micro_batch):
+                micro = rows[j : j + plan.train.micro_batch]
+                _accumulate(sums, actor_step(ctx, b.rows(micro), advantages[micro], tokens))
+                if m.critic is not None:
+                    _accumulate(sums, critic_step(ctx, b.rows(micro), returns[micro], tokens))
+    tokens_total = distributed.all_reduce_sum(sums.pop("tokens", 0.0))
+    out = {k: distributed.all_reduce_sum(v) / max(tokens_total, 1) for k, v in sorted(sums.items())}
+    out["policy/lr"] = m.actor_engine.get_lr()[0]
+    return out
+
+
+def _accumulate(sums: dict[str, float], stats: dict[str, float]) -> None:
+    for k, v in stats.items():
+        sums[k] = sums.get(k, 0.0) + v
+
+
+def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor, global_tokens: int) -> dict[str, float]:
+    """One micro-batch of the clipped surrogate (+ entropy bonus); DeepSpeed steps at the boundary."""
+    o, m = ctx.cfg.ppo, ctx.models
+    P = mb.prompt_ids.shape[1]
+    ids, attn, target = mb.sequences(m.device)
+    with distributed.autocast(m.precision, m.device):
+        logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True)
+    logp, entropy = logp[:, P - 1 :], entropy[:, P - 1 :]
+    mask = mb.response_mask.to(logp.device)
+    loss_sum, st = policy_loss(logp, mb.old_logprobs.to(logp.device), advantages.to(logp.device), mask,
+                               clip_range=o.clip_range)
+    ent_sum = masked_sum(entropy, mask)
+    loss = token_mean_loss(loss_sum - o.entropy_coef * ent_sum, global_tokens=global_tokens,
+                           grad_accum=ctx.plan.train.grad_accum, world_size=ctx.plan.train.world_size)
+    m.actor_engine.backward(loss)
+    m.actor_engine.step()
+    return {"policy/loss": float(loss_sum.detach()), "policy/clipfrac": st["clipped"], "policy/approx_kl": st["approx_kl"],
+            "policy/ratio": st["ratio"], "policy/entropy": float(ent_sum.detach()), "tokens": st["tokens"]}
+
+
+def critic_step(ctx: PPOContext, mb: Rollout, returns: torch.Tensor, global_tokens: int) -> dict[str, float]:
+    o, m = ctx.cfg.ppo, ctx.models
+    P = mb.prompt_ids.shape[1]
+    ids, attn, _ = mb.sequences(m.device)
+    with distributed.autocast(m.precision, m.device):
+        values = m.critic(ids, attn)[:, P - 1 : -1].float()
+    mask = mb.response_mask.to(values.device)
+    loss_sum, st = value_loss(values, mb.values.to(values.device), returns.to(values.device), mask,
+                              clip_range=o.value_clip_range)
+    loss = token_mean_loss(loss_sum, global_tokens=global_tokens, grad_accum=ctx.plan.train.grad_accum,
+                           world_size=ctx.plan.train.world_size)
+    m.critic.backward(loss)
+    m.critic.step()
+    return {"value/loss": float(loss_sum.detach()), "value/clipfrac": st["clipped"],
+            "value/squared_error": st["squared_error"]}
+
+
+def rollout_metrics(ctx: PPOContext, b: Rollout) -> dict[str, float]:
+    """Means over the global rollout, and log-prob parity between generation and the training forward."""
+    n = distributed.all_reduce_sum(len(b))
+    out = {"reward/score_mean": distributed.all_reduce_sum(float(b.scores.sum())) / n}
+    for k, v in b.reward_parts.items():
+        out[f"reward/{k}_mean"] = distributed.all_reduce_sum(float(v.float().sum())) / n
+    lengths = b.response_mask.sum(-1).float()
+    out["rollout/response_tokens_mean"] = distributed.all_reduce_sum(float(lengths.sum())) / n
+    out["rollout/eos_fraction"] = distributed.all_reduce_sum(float(b.ended.float().sum())) / n
+    diff = (b.gen_logprobs - b.old_logprobs).abs()[b.response_mask]
+    tokens = distributed.all_reduce_sum(float(diff.numel()))
+    out["parity/mean_abs"] = distributed.all_reduce_sum(float(diff.sum())) / max(tokens, 1)
+    out["parity/max_abs"] = distributed.all_reduce_max(float(diff.max()) if diff.numel() else 0.0)
+    return out
+
+
+def _check_parity(metrics: dict[str, float], state: PPOState, bound: float) -> None:
+    if metrics["parity/max_abs"] > bound:
+        msg = (f"iteration {state.iteration}: generation and training log-probs differ by up to "
+               f"{metrics['parity/max_abs']:.4f} (> ppo.parity_bound {bound}); PPO's ratio is off by that much")
+        log.warning(msg)
+        state.alarms.append(msg)
+    metrics["parity/alarm"] = float(metrics["parity/max_abs"] > bound)
+
+
+def evaluate(ctx: PPOContext, state: PPOState) -> None:
+    """In-loop evaluation on the dev split; keeps the best actor by `ppo.best_metric`; raises alarms."""
+    result = ctx.evaluator.run(state.iteration)
+    previous = state.evals[-1] if state.evals else None
+    state.evals.append(result)
+    alarms = ctx.evaluator.alarms(result, previous)
+    state.alarms.extend(alarms)
+    if ctx.dist.is_main:
+        ctx.tracker.log_metrics({k: v for k, v in result.items() if k.startswith("eval/")} |
+                                {"eval/alarm": float(bool(alarms))}, step=state.iteration)
+        for a in alarms:
+            log.warning("alarm: %s", a)
+    key = f"eval/{ctx.cfg.ppo.best_metric}"
+    if key in result and (state.best is None or result[key] > state.best["value"]):
+        state.best = {"iteration": state.iteration, "metric": ctx.cfg.ppo.best_metric, "value": result[key]}
+        ctx.setup.save_best(ctx.stage_dir / "best", state.best)
+
+
+def save(ctx: PPOContext, state: PPOState) -> Path:
+    state.kl = ctx.kl.state_dict()
+    m = ctx.models
+    extra = {"critic_engine": m.critic} if m.critic is not None else {}
+    return checkpoint.save_checkpoint(m.actor_engine, ctx.setup.ds_actor, ctx.setup.actor_lm, m.tokenizer,
+                                      state.__dict__.copy(), ctx.stage_dir / "checkpoints", state.iteration,
+                                      keep=ctx.cfg.ppo.keep_checkpoints, extra_engines=extra)
+
+
+def finish(ctx: PPOContext, state: PPOState) -> None:
+    evaluate(ctx, state)
+    final = ctx.stage_dir / "checkpoints" / f"step-{state.iteration:07d}"
+    if not final.is_dir():
+        final = save(ctx, state)
+    if not ctx.dist.is_main:
+        return
+    best = ctx.stage_dir / "best"
+    source = best if state.best and (best / "config.json").is_file() else final / "model"
+    checkpoint.publish_model(source, ctx.stage_dir / "model")
+    summary = {"iterations": state.iteration, "best": state.best, "alarms": state.alarms, "history": state.history,
+               "evals": state.evals, "published": str(source)}
+    ppo_setup.write_outputs(ctx.stage_dir, summary, ctx.tracker)
+    common.mark_done(ctx.cfg, ctx.stage_dir, "ppo", state.run_id, ctx.identity)
+    print(f"PPO done: {state.iteration} iterations, model at {ctx.stage_dir / 'model'} "
+          f"(best {state.best['metric']} {state.best['value']:.4f} at iteration {state.best['iteration']})"
+          if state.best else f"PPO done: {state.iteration} iterations", flush=True)

@@ -1,0 +1,73 @@
+"""PPO's in-loop evaluation on the dev split, and the alarms that guard against reward hacking.
+
+Greedy summaries of `ppo.eval_examples` dev prompts, scored with ROUGE-L and la-ROUGE-L against the
+references, the reward model (normalized like the training reward), the length ratio to the
+references, the KL to the reference model on those outputs (sum over tokens of log pi - log
+pi_ref, nats per summary), and optionally MiniLM similarity. Every rank computes the same numbers
+(the texts are gathered), so the best-checkpoint decision is the same on every rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer import distributed, metrics, rollout
+from trainer.config import Config
+from trainer.distributed import DistInfo
+from trainer.hybrid_engine import Sampling
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, setup, dist: DistInfo):
+        self.cfg, self.setup, self.dist = cfg, setup, dist
+        n = len(setup.dev_prompts)
+        per_rank = -(-n // dist.world_size)
+        mine = list(range(dist.rank, n, dist.world_size))
+        self.real = len(mine)
+        self.rows = mine + [mine[0] if mine else 0] * (per_rank - len(mine))  # equal forward counts on every rank
+        self.semantic = metrics.SemanticScorer(cfg.eval.semantic_model) \
+            if cfg.ppo.semantic_in_loop and cfg.eval.semantic_model != "none" else None
+
+    def run(self, iteration: int) -> dict[str, float]:
+        s, m = self.setup, self.setup.models
+        sampling = Sampling(self.cfg.ppo.max_new_tokens, do_sample=False)
+        greedy = rollout.sample(m, [s.dev_prompts[i] for i in self.rows], self.rows, sampling,
+                                batch_size=self.cfg.eval.generation.batch_size)
+        rm = (rollout.reward_model_scores(m.rm, greedy, m) - m.rm_stats["mean"]) / m.rm_stats["std"]
+        kl = (rollout.response_logprobs(m.actor_engine, greedy, m) - rollout.response_logprobs(m.ref, greedy, m)).sum(-1)
+        k = self.real
+        mine = list(zip(self.rows[:k], greedy.texts[:k], rm[:k].tolist(), kl[:k].tolist()))
+        rows = sorted(r for part in distributed.gather_objects(mine) for r in part)
+        texts = [t for _, t, _, _ in rows]
+        refs = [list(s.dev_examples[i].references) for i, _, _, _ in rows]
+        scores = metrics.rouge_per_example(texts, refs)
+        ref_words = [np.mean([metrics.n_words(r) for r in rs]) for rs in refs]
+        out = {"iteration": iteration,
+               "eval/rougeL": float(np.mean(scores["rougeL"])), "eval/la_rougeL": float(np.mean(scores["la_rougeL"])),
+               "eval/reward": float(np.mean([r for _, _, r, _ in rows])),
+               "eval/kl": float(np.mean([x for _, _, _, x in rows])),
+               "eval/length_ratio": float(np.mean([metrics.n_words(t) / max(w, 1) for t, w in zip(texts, ref_words)])),
+               "eval/eos_fraction": float(distributed.all_reduce_sum(float(greedy.ended[:k].sum())) / len(rows))}
+        if self.semantic is not None:
+            out["eval/semantic"] = float(np.mean(self.semantic.score(texts, refs)))
+        out["samples"] = [{"id": s.dev_examples[i].id, "text": t} for i, t, _, _ in rows[:3]]
+        return out
+
+    def alarms(self, result: dict, previous: dict | None) -> list[str]:
+        """Signs of reward hacking or collapse, as messages (empty when all is well)."""
+        o, it = self.cfg.ppo, result["iteration"]
+        found = []
+        if result["eval/kl"] > o.kl_alarm:
+            found.append(f"iteration {it}: KL to the reference {result['eval/kl']:.2f} nats > ppo.kl_alarm {o.kl_alarm}")
+        ratio = result["eval/length_ratio"]
+        if not o.length_alarm_low <= ratio <= o.length_alarm_high:
+            found.append(f"iteration {it}: summaries are {ratio:.2f}x the reference length, outside "
+                         f"[{o.length_alarm_low}, {o.length_alarm_high}]")
+        if previous is not None:
+            up = result["eval/reward"] > previous["eval/reward"]
+            metric = f"eval/{o.best_metric}" if o.best_metric != "reward" else "eval/la_rougeL"
+            if up and metric in result and result[metric] < previous[metric]:
+                found.append(f"iteration {it}: reward-model score rose ({previous['eval/reward']:.3f} -> "
+                             f"{result['eval/reward']:.3f}) while {metric[5:]} fell ({previous[metric]:.4f} -> "
+                             f"{result[metric]:.4f}): possible reward hacking")
+        return found

@@ -1,0 +1,158 @@
+"""Building the PPO stage's models, engines and data, and writing its outputs.
+
+Kept apart from `ppo.py` so that the stage module reads as the iteration loop. The actor and the
+critic are trained engines; the reference and the reward model are inference engines. Under ZeRO-3
+every model is created partitioned (`models.partitioned_loading`), so no rank holds a whole model
+except the actor's gathered copy while it generates (`hybrid_engine`, `ppo.generation_gather`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from kernels.logprob import resolve_impl
+from trainer import checkpoint, distributed
+from trainer.config import Config, PPOPlan, plan_ppo
+from trainer.data.prompts import PromptBuilder, TokenizedExample
+from trainer.data.records import Example, load_split
+from trainer.distributed import DistInfo
+from trainer.errors import ConfigError, UserError
+from trainer.hybrid_engine import HybridEngine
+from trainer.models import (ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of, load_causal_lm,
+                            load_reward_backbone, load_tokenizer)
+from trainer.plots import plot_grid
+from trainer.rollout import RolloutModels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    plan: PPOPlan
+    models: RolloutModels
+    actor_lm: object  # the Hugging Face causal LM inside the actor engine
+    ds_actor: dict
+    prompts: list[TokenizedExample]  # the training prompt pool (prompt only)
+    examples: list[Example]  # the same examples, for references
+    dev_prompts: list[TokenizedExample]
+    dev_examples: list[Example]
+    runtime: dict  # what was chosen at run time, logged as params
+
+    def save_best(self, folder: Path, best: dict) -> None:
+        """Collective: the actor's current weights as a Hugging Face model in `folder`, atomically."""
+        sd = distributed.consolidated_state_dict(self.models.actor_engine, self.ds_actor)
+        if torch_rank() == 0:
+            tmp = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            checkpoint.save_hf_model(self.actor_lm, self.models.tokenizer, sd, tmp)
+            checkpoint.write_json_atomic(tmp / "best.json", best)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+        distributed.barrier()
+
+
+def torch_rank() -> int:
+    import torch
+
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def input_paths(cfg: Config) -> tuple[str, str]:
+    """(actor init, reward model): the configured paths, else the earlier stages' models in output_dir."""
+    out = Path(cfg.output_dir)
+    init = cfg.ppo.init or (str(out / "sft" / "model") if (out / "sft" / "model" / "config.json").is_file() else None)
+    if init is None:
+        if cfg.model.random_init:
+            raise ConfigError(f"ppo.init is unset and {out / 'sft' / 'model'} holds no SFT model, while "
+                              "model.random_init is true. Run `lastmile sft` with the same output_dir first, or set "
+                              "ppo.init to a model path.")
+        init = cfg.model.path
+    rm = cfg.ppo.reward.model or str(out / "reward_model" / "model")
+    if not (Path(rm) / "config.json").is_file():
+        raise UserError(f"ppo.reward.model ({rm}) holds no reward model. Run `lastmile reward-model` with the same "
+                        "output_dir first, or point ppo.reward.model at a reward model folder.")
+    return init, rm
+
+
+def build(cfg: Config, dist: DistInfo) -> Setup:
+    o = cfg.ppo
+    if cfg.data.dev_split == cfg.data.eval_split:
+        raise ConfigError(f"data.dev_split ({cfg.data.dev_split}) equals data.eval_split. PPO picks its best checkpoint "
+                          "on the dev split, so reporting on the same data would report a tuned number. Set "
+                          "data.eval_split (or data.dev_split) to another split.")
+    plan = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
+                    dist.world_size)
+    init, rm_path = input_paths(cfg)
+    from_base = init == cfg.model.path
+    tokenizer = load_tokenizer(cfg.model if from_base else replace(cfg.model, path=init, gguf_file=None,
+                                                                      tokenizer_path=cfg.model.tokenizer_path))
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    examples = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
+    dev_examples = load_split(cfg.data, cfg.data.dev_split, o.eval_examples)
+    prompts, report = builder.tokenize(examples, with_response=False)
+    dev_prompts, _ = builder.tokenize(dev_examples, with_response=False)
+    if len(prompts) < o.prompts_per_iteration:
+        raise ConfigError(f"ppo.prompts_per_iteration ({o.prompts_per_iteration}) is more than the {len(prompts)} "
+                          "training prompts. Lower it or add data.")
+    total_steps = o.iterations * plan.steps_per_iteration
+    hidden = hidden_size_of(cfg.model, None if from_base else init)
+    ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden)
+    actor_lm, attn = load_causal_lm(cfg.model, dist.device, path=None if from_base else init, ds=ds_actor)
+    actor_engine = distributed.build_engine(TokenLogprobModel(actor_lm, logprob_impl=o.logprob_impl), ds_actor,
+                                            o.actor_optim(), total_steps=total_steps)
+    ref_lm, _ = load_causal_lm(cfg.model, dist.device, path=None if from_base else init, ds=ds_actor)
+    ref = distributed.inference_engine(TokenLogprobModel(ref_lm, logprob_impl=o.logprob_impl), ds_actor, dist.device)
+    rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_actor)
+    rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds_actor, dist.device)
+    critic = None
+    if o.advantage == "gae":
+        ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden)
+        critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_critic)
+        critic = distributed.build_engine(ValueModel(critic_model), ds_critic, o.critic_optim(), total_steps=total_steps)
+    hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=o.generation_gather,
+                          world_size=dist.world_size)
+    models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
+                           rm_stats=_reward_stats(rm_path), device=dist.device, precision=cfg.precision,
+                           micro_batch=o.micro_batch_size, logprob_impl=o.logprob_impl)
+    runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
+               "logprob_impl": resolve_impl(o.logprob_impl, dist.device), "init": init, "reward_model": rm_path,
+               "rollout": plan.rollout, "grad_accum": plan.train.grad_accum, "optimizer_steps": total_steps}
+    if dist.is_main:
+        log.info("PPO: %s; train prompts: %s", ", ".join(f"{k} {v}" for k, v in runtime.items()), report.describe())
+    return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime)
+
+
+def _reward_stats(rm_path: str) -> dict[str, float]:
+    path = Path(rm_path) / "reward_stats.json"
+    if not path.is_file():
+        log.warning("%s has no reward_stats.json; reward-model scores are used unnormalized", rm_path)
+        return {"mean": 0.0, "std": 1.0}
+    stats = json.loads(path.read_text())
+    return {"mean": float(stats["mean"]), "std": float(stats["std"]) or 1.0}
+
+
+def write_outputs(stage_dir: Path, summary: dict, tracker) -> None:
+    """history.json and curves.png (reward, KL, length, evaluation), logged to the run (rank 0)."""
+    checkpoint.write_json_atomic(stage_dir / "history.json", summary)
+    hist, evals = summary["history"], summary["evals"]
+
+    def curve(rows, key):
+        return [(r["iteration"], r[key]) for r in rows if key in r]
+
+    panels = {
+        "reward": {"score": curve(hist, "reward/score_mean"), "rm term": curve(hist, "reward/rm_term_mean"),
+                   "metric term": curve(hist, "reward/metric_term_mean")},
+        "KL to reference (nats/seq)": {"rollout": curve(hist, "kl/seq_mean"), "eval (greedy)": curve(evals, "eval/kl")},
+        "response length (tokens)": {"rollout": curve(hist, "rollout/response_tokens_mean")},
+        "eval la-ROUGE-L / ROUGE-L": {"la_rougeL": curve(evals, "eval/la_rougeL"), "rougeL": curve(evals, "eval/rougeL")},
+        "eval reward-model score": {"normalized": curve(evals, "eval/reward")},
+        "log-prob parity": {"max |gen - train|": curve(hist, "parity/max_abs")},
+    }
+    plot = plot_grid(stage_dir / "curves.png", panels, title="PPO")
+    for path in (stage_dir / "history.json", plot):
+        tracker.log_artifact(path)
