@@ -10,16 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY, run_cli
-
-
-@pytest.fixture(scope="session")
-def tiny_pipeline(tiny_sft_run):
-    """The pipeline in the SFT run's folder: SFT is recognised as done (same identity) and skipped."""
-    out = tiny_sft_run
-    proc = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc
+from conftest import clean_env, ROOT, TINY, run_cli
 
 
 def _runs(out):
@@ -95,7 +86,7 @@ def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     for stage in ("sft", "reward_model"):
         shutil.copytree(src / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
     args = [sys.executable, "-m", "trainer", "ppo", "--config", str(TINY), f"output_dir={out}"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="2"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     ckpt = out / "ppo" / "checkpoints" / "step-0000002"
     deadline = time.time() + 300
@@ -130,7 +121,7 @@ def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
         pytest.skip("deepspeed launcher not on PATH")
     src, _ = tiny_pipeline
     out = tmp_path / "z3"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    env = clean_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29519", "trainer/main.py", "ppo", "--config", str(TINY),
            f"output_dir={out}", "deepspeed.config=zero3", f"ppo.init={src / 'sft' / 'model'}",
            f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.iterations=2", "tracking.enabled=false"]

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, clean_env
 
 pytestmark = pytest.mark.slurm
 PREFIX = "/tmp/lastmile-slurm"
@@ -26,7 +26,10 @@ def slurm_env():
         pytest.skip("the local Slurm did not start within 300 s")
     if proc.returncode != 0:
         pytest.skip(f"the local Slurm could not start: {proc.stderr[-500:]}")
-    return {**os.environ, "SLURM_CONF": f"{PREFIX}/etc/slurm.conf", "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"}
+    yield clean_env(SLURM_CONF=f"{PREFIX}/etc/slurm.conf", PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    # stop what we started, by the PID files start.sh wrote
+    subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, timeout=120,
+                   env={**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX})
 
 
 def _sbatch(env, out, *args, stages=None):

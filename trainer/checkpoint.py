@@ -1,12 +1,15 @@
 """Atomic checkpoints: a Hugging Face model folder, the DeepSpeed engine state, and trainer state.
 
 A checkpoint is built in `step-NNNNNNN.partial/` and renamed to `step-NNNNNNN/` only when every
-file is written and synced, so a kill mid-write never leaves a folder that looks complete.
+file is written and synced, so a kill mid-write never leaves a folder that looks complete. Every
+checkpoint and published model carries MANIFEST.json (size and SHA-256 of each file); resume and
+publish verify it, and a damaged newest checkpoint is reported and the previous valid one used.
 Layout:  <root>/step-0000050/{model/ (from_pretrained loads it), engine/ (DeepSpeed), trainer_state.json}
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainer import distributed
+from trainer import distributed, faults
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,70 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The complete checkpoint with the highest step under root, if any."""
+MANIFEST = "MANIFEST.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """MANIFEST.json: relative path -> [size, sha256] of every file under folder (written last)."""
+    files = {str(p.relative_to(folder)): [p.stat().st_size, _sha256(p)]
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    write_json_atomic(folder / MANIFEST, {"files": files})
+
+
+def verify_manifest(folder: Path, *, checksums: bool = True) -> list[str]:
+    """Problems with folder against its MANIFEST.json (empty: intact; a folder without one is
+    checked only for a readable trainer state, as older versions wrote)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return [] if (folder / STATE_FILE).is_file() or (folder / "config.json").is_file() else [f"{folder} is empty"]
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return [f"{path} is unreadable"]
+    problems = []
+    for rel, (size, digest) in files.items():
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{f} has {f.stat().st_size} bytes, {size} expected")
+        elif checksums and _sha256(f) != digest:
+            problems.append(f"{f} does not match its checksum")
+    return problems
+
+
+def _readable_state(folder: Path) -> bool:
+    try:
+        return isinstance(json.loads((folder / STATE_FILE).read_text()), dict)
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Complete-looking checkpoints under root, newest first."""
     if not root.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).is_file()]
-    return max(found)[1] if found else None
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / STATE_FILE).exists()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest intact checkpoint under root (verified against its manifest), if any; damaged
+    newer ones are reported and skipped."""
+    for p in checkpoints(root):
+        problems = verify_manifest(p) + ([] if _readable_state(p) else [f"{p / STATE_FILE} is unreadable"])
+        if not problems:
+            return p
+        log.warning("checkpoint %s is damaged (%s); trying the previous one", p, "; ".join(problems[:3]))
+    return None
 
 
 def remove_partials(root: Path) -> None:
@@ -82,11 +143,15 @@ def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any
     sd = distributed.consolidated_state_dict(engine, ds_config)
     if is_main:
         save_hf_model(lm, tokenizer, sd, partial / "model", prefix=prefix)
+        write_manifest(partial / "model")
         write_json_atomic(partial / STATE_FILE, state)
+        write_manifest(partial)
         _fsync_tree(partial)
+        faults.point("checkpoint.before_rename")
         if final.exists():  # re-saving the same step after a resume
             shutil.rmtree(final)
         os.rename(partial, final)
+        faults.point("checkpoint.after_rename")
         _prune(root, keep)
     distributed.barrier()
     return final
@@ -111,7 +176,8 @@ def resume(engine, root: Path, *, is_main: bool, extra_engines: dict[str, Any] |
     if is_main:
         remove_partials(root)
     distributed.barrier()
-    latest = latest_checkpoint(root)
+    latest = latest_checkpoint(root) if is_main else None
+    latest = distributed.gather_objects(latest)[0]  # rank 0 verified it; every rank loads the same one
     if latest is None:
         return None
     if is_main:
@@ -120,11 +186,20 @@ def resume(engine, root: Path, *, is_main: bool, extra_engines: dict[str, Any] |
 
 
 def publish_model(src: Path, dest: Path) -> None:
-    """Copy a checkpoint's HF model to the stage's `model/` folder atomically (rank 0 only)."""
+    """Copy a checkpoint's HF model to the stage's `model/` folder atomically (rank 0 only), after
+    verifying it against its manifest: a damaged model is never published."""
+    problems = verify_manifest(src)
+    if problems:
+        from trainer.errors import UserError
+
+        raise UserError(f"the model to publish is damaged: {'; '.join(problems[:3])}. Nothing was published. Delete "
+                        f"{src.parent} and rerun the same command: the stage resumes from the previous checkpoint.")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    write_manifest(tmp)
     _fsync_tree(tmp)
+    faults.point("publish.after_copy")
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -18,11 +18,13 @@ def _parser() -> argparse.ArgumentParser:
         ("reward-model", "train a reward model on synthetic failure-mode negatives; per-mode evaluation"),
         ("ppo", "RL fine-tuning with PPO against the hybrid reward (reward model + reference metric)"),
         ("pipeline", "SFT -> reward model -> PPO -> evaluation and the MLE-vs-RL report, one MLflow parent run"),
+        ("compare", "compare evaluated systems: SOURCE... (evaluation folders, MLflow run ids, pipeline:<id>)"),
         ("validate", "check a config and print it resolved"),
     ):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=False, help="YAML preset, e.g. trainer/configs/tiny.yaml")
-        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x"
+                       + (" (and the SOURCEs to compare)" if name == "compare" else ""))
     return p
 
 
@@ -50,12 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import load_config, to_yaml
     from trainer.errors import UserError
 
+    sources = [x for x in args.overrides if "=" not in x] if args.command == "compare" else []
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, [x for x in args.overrides if x not in sources])
         if args.command == "validate":
             print(to_yaml(cfg), end="")
             print(f"OK: {args.config or 'defaults'} is valid.", file=sys.stderr)
             return 0
+        from trainer import preflight
+
+        preflight.check(cfg)
+        preflight.lock_output_dir(cfg)
         if args.command == "sft":
             from trainer.stages import sft
 
@@ -72,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.stages import ppo
 
             ppo.run(cfg)
+        elif args.command == "compare":
+            from trainer.stages import compare
+
+            compare.run(cfg, sources)
         elif args.command == "pipeline":
             from trainer import pipeline
 
@@ -86,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lastmile {args.command}: interrupted by Ctrl-C; rerun the same command to resume.", file=sys.stderr)
         return 130
+    except OSError as e:  # the environment, not the code: disk full, permissions, a vanished path
+        import errno
+
+        where = e.filename or "the output dir"
+        why = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+               errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}.get(e.errno, e.strerror or str(e))
+        print(f"lastmile {args.command}: error: {why} while writing {where}. Checkpoints are written atomically, so "
+              "the last complete one is intact. Free space or fix the permissions (or move output_dir), then rerun the "
+              "same command to resume.", file=sys.stderr, flush=True)
+        return 74  # EX_IOERR
 
 
 if __name__ == "__main__":

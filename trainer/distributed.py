@@ -114,9 +114,13 @@ def gather_objects(obj: Any) -> list[Any]:
 def load_ds_config(name: str) -> dict[str, Any]:
     path = resolve_ds_config_path(name)
     try:
-        return json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError(f"deepspeed.config ({path}) is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.config ({path}) must be a JSON object of DeepSpeed settings (with "
+                          "\"zero_optimization\" an object), not a {type(raw).__name__}. Start from ds_configs/zero2.json.")
+    return raw
 
 
 def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int) -> dict[str, Any]:

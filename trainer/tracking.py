@@ -58,11 +58,14 @@ class NullTracker:
 
 class MlflowTracker:
     def __init__(self, uri: str, experiment: str, run_name: str, *, tags: dict[str, str], params: dict[str, Any],
-                 resume_run_id: str | None):
+                 resume_run_id: str | None, artifact_location: str | None = None):
         import mlflow
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(uri)
+        if artifact_location and mlflow.get_experiment_by_name(experiment) is None:
+            # a local store keeps its artifacts beside it, not in ./mlruns of whatever directory we run from
+            mlflow.create_experiment(experiment, artifact_location=artifact_location)
         mlflow.set_experiment(experiment)
         self._logged_through = -1  # a resumed run drops steps it logged before the kill: no duplicates
         if resume_run_id:
@@ -110,7 +113,7 @@ def closing(tracker: Tracker):
     try:
         yield tracker
         status = "FINISHED"
-    except preemption.Preempted:
+    except (preemption.Preempted, KeyboardInterrupt):
         status = INTERRUPTED
         tracker.set_tags({"lastmile.status": "interrupted"})
         raise
@@ -133,6 +136,14 @@ def _chunks(d: dict[str, Any], n: int):
 
 def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.uri or f"sqlite:///{Path(cfg.output_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(cfg: Config) -> str | None:
+    """Where a new experiment keeps artifacts: beside a local store (<output_dir>/mlartifacts); a
+    server decides for itself (None)."""
+    uri = tracking_uri(cfg)
+    local = uri.startswith(("sqlite:///", "file:")) or "://" not in uri
+    return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if local else None
 
 
 def git_sha() -> str:
@@ -165,9 +176,16 @@ def upstream_run_id(output_dir: str | Path, stage: str) -> str | None:
 
 
 def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None = None,
-          upstream_run_id: str | None = None, run_name: str | None = None, parent_run_id: str | None = None) -> Tracker:
+          upstream_run_id: str | None = None, run_name: str | None = None, parent_run_id: str | None = None,
+          record: Path | None = None) -> Tracker:
+    """Open the stage's run. `record` (a file in the stage folder) keeps the run id from the first
+    start, so a stage killed before its first checkpoint reopens its run instead of starting a second."""
     if not (is_main and cfg.tracking.enabled):
         return NullTracker()
+    if resume_run_id is None and record is not None and record.is_file():
+        import json
+
+        resume_run_id = json.loads(record.read_text()).get("run_id")
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # users who point at ./mlruns
     tags = {
         "lastmile.pipeline_id": pipeline_id(cfg),
@@ -180,9 +198,15 @@ def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None =
     parent = parent_run_id or cfg.tracking.parent_run_id
     if parent:
         tags["mlflow.parentRunId"] = parent  # shows the stage as a child of the pipeline run in the UI
+    uri = tracking_uri(cfg)
     tracker = MlflowTracker(
-        tracking_uri(cfg), cfg.tracking.experiment, run_name or stage,
-        tags=tags, params=flatten(to_dict(cfg)), resume_run_id=resume_run_id,
+        uri, cfg.tracking.experiment, run_name or stage,
+        tags=tags, params=flatten(to_dict(cfg)), resume_run_id=resume_run_id, artifact_location=artifact_location(cfg),
     )
-    log.info("MLflow run %s (%s) at %s", tracker.run_id, stage, tracking_uri(cfg))
+    log.info("MLflow run %s (%s) at %s", tracker.run_id, stage, uri)
+    if record is not None:
+        from trainer.checkpoint import write_json_atomic
+
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, {"run_id": tracker.run_id, "uri": uri})
     return tracker

@@ -114,8 +114,13 @@ def _local_rows(path: Path) -> list[dict[str, Any]]:
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL read line by line so a malformed line is reported with its number."""
     rows, problems = [], []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(f"line {n}: not UTF-8 text (save the file as UTF-8)")
+                continue
             if not line.strip():
                 continue
             try:

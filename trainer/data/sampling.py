@@ -18,7 +18,12 @@ def total_steps(train: TrainConfig, n_items: int, plan: BatchPlan, *, field_pref
             f"An optimizer step needs a full batch. Lower {field_prefix}.batch_size or add data."
         )
     total = per_epoch * train.epochs
-    return min(total, train.max_steps) if train.max_steps else total
+    total = min(total, train.max_steps) if train.max_steps else total
+    if train.warmup_steps >= total:
+        raise ConfigError(
+            f"{field_prefix}.warmup_steps ({train.warmup_steps}) is not below the run's {total} optimizer steps: the "
+            f"learning rate would never reach {field_prefix}.lr. Lower {field_prefix}.warmup_steps.")
+    return total
 
 
 def micro_batch_indices(n_items: int, step: int, plan: BatchPlan, *, rank: int, seed: int) -> list[list[int]]:

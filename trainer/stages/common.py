@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint, distributed, preemption
+from trainer import checkpoint, distributed, faults, preemption
 from trainer.config import Config, flatten, to_dict, to_yaml
 from trainer.distributed import DistInfo
 from trainer.errors import ConfigError
@@ -45,6 +46,11 @@ def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None]
     dist = distributed.setup()
     preemption.install()
     stage_dir = Path(cfg.output_dir) / subdir
+    for name, path in (inputs or {}).items():
+        problems = checkpoint.verify_manifest(Path(path)) if path and (Path(path) / checkpoint.MANIFEST).is_file() else []
+        if problems:
+            raise ConfigError(f"the {name} model ({path}) is damaged: {'; '.join(problems[:3])}. Delete {path} and "
+                              "rerun the stage that wrote it (it resumes from its last intact checkpoint).")
     ident = stage_identity(cfg, subdir, inputs or {})
     done_file = stage_dir / checkpoint.DONE_FILE
     for path in (done_file, stage_dir / "identity.json"):
@@ -130,8 +136,12 @@ def write_stage_config(cfg: Config, stage_dir: Path, tracker, dist: DistInfo, *,
 
 
 def mark_done(cfg: Config, stage_dir: Path, stage: str, run_id: str | None, identity: dict[str, Any]) -> None:
-    """Rank 0, last: the run id for later stages, the identity into the published model, DONE."""
+    """Rank 0, last: the run id for later stages, the identity into the published model, DONE.
+    Then the checkpoints go: a finished stage never resumes, and they are most of its disk."""
     checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": run_id, "stage": stage})
     if (stage_dir / "model").is_dir():
         checkpoint.write_json_atomic(stage_dir / "model" / IDENTITY_FILE, identity)
+    faults.point("stage.before_done")
     checkpoint.write_json_atomic(stage_dir / checkpoint.DONE_FILE, {"identity": identity})
+    for leftover in ("checkpoints", "best"):
+        shutil.rmtree(stage_dir / leftover, ignore_errors=True)

@@ -99,7 +99,10 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
         if dist.is_main:
             print(f"Evaluation of {', '.join(s.name for s in specs)} unchanged; results in {folder / 'results.json'}")
         return json.loads((folder / "results.json").read_text())
-    tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name,
+    if done.is_file() and dist.is_main:  # results of something else under this name: a new run, not the old one
+        done.unlink()
+        (folder / "mlflow_run.json").unlink(missing_ok=True)
+    tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name, record=folder / "mlflow_run.json",
                              upstream_run_id=_upstream(specs), parent_run_id=parent_run_id)
     with tracking.closing(tracker):
         systems = []
@@ -110,6 +113,7 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
             return {}
         results = score_systems(systems, examples, cfg, comparisons)
         _write(folder, systems, examples, results, tracker)
+        checkpoint.write_json_atomic(folder / "run.json", {"run_id": tracker.run_id, "stage": stage})
         checkpoint.write_json_atomic(done, {"identity": ident})
     print(f"Results: {folder / 'results.json'}; side by side: {folder / 'samples.md'}", flush=True)
     return results

@@ -67,6 +67,7 @@ class PPOContext:
 
 
 def run(cfg: Config) -> Path:
+    ppo_setup.check(cfg, distributed.setup().world_size)  # settings first, before looking for inputs
     init, rm_path = ppo_setup.input_paths(cfg)
     start = common.begin(cfg, "ppo", "PPO", inputs={"init": init, "reward_model": rm_path})
     dist, stage_dir = start.dist, start.stage_dir
@@ -78,6 +79,7 @@ def run(cfg: Config) -> Path:
     state = PPOState(**(checkpoint.resume(s.models.actor_engine, stage_dir / "checkpoints", is_main=dist.is_main,
                                           extra_engines=extra) or {}))
     tracker = tracking.start(cfg, stage="ppo", is_main=dist.is_main, resume_run_id=state.run_id,
+                             record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "reward_model"))
     state.run_id = tracker.run_id
     kl = KLController(cfg.ppo.kl_coef, target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)

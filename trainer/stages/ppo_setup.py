@@ -51,6 +51,7 @@ class Setup:
             shutil.rmtree(tmp, ignore_errors=True)
             checkpoint.save_hf_model(self.actor_lm, self.models.tokenizer, sd, tmp)
             checkpoint.write_json_atomic(tmp / "best.json", best)
+            checkpoint.write_manifest(tmp)
             shutil.rmtree(folder, ignore_errors=True)
             os.rename(tmp, folder)
         distributed.barrier()
@@ -79,14 +80,25 @@ def input_paths(cfg: Config) -> tuple[str, str]:
     return init, rm
 
 
-def build(cfg: Config, dist: DistInfo) -> Setup:
+def check(cfg: Config, world_size: int) -> PPOPlan:
+    """The settings PPO needs beyond field validation: the batch plan for this many ranks, the splits."""
     o = cfg.ppo
     if cfg.data.dev_split == cfg.data.eval_split:
         raise ConfigError(f"data.dev_split ({cfg.data.dev_split}) equals data.eval_split. PPO picks its best checkpoint "
                           "on the dev split, so reporting on the same data would report a tuned number. Set "
                           "data.eval_split (or data.dev_split) to another split.")
     plan = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
-                    dist.world_size)
+                    world_size)
+    if o.warmup_steps >= o.iterations * plan.steps_per_iteration:
+        raise ConfigError(f"ppo.warmup_steps ({o.warmup_steps}) is not below the run's "
+                          f"{o.iterations * plan.steps_per_iteration} optimizer steps: the learning rate would never "
+                          "reach ppo.lr. Lower ppo.warmup_steps.")
+    return plan
+
+
+def build(cfg: Config, dist: DistInfo) -> Setup:
+    o = cfg.ppo
+    plan = check(cfg, dist.world_size)
     init, rm_path = input_paths(cfg)
     from_base = init == cfg.model.path
     tokenizer = load_tokenizer(cfg.model if from_base else replace(cfg.model, path=init, gguf_file=None,

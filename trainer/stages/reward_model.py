@@ -75,6 +75,7 @@ def run(cfg: Config) -> Path:
                  _mode_counts(pairs), total_steps, attn.implementation)
     state = checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {"step": 0, "run_id": None, "history": []}
     tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state["run_id"],
+                             record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
     state["run_id"] = tracker.run_id
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={

@@ -71,7 +71,8 @@ def run(cfg: Config) -> Path:
                                         hidden_size=lm.config.hidden_size)
     state = SFTState(**(checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {}))
 
-    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id)
+    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id,
+                             record=stage_dir / "mlflow_run.json")
     state.run_id = tracker.run_id if dist.is_main else None
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size,

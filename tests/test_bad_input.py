@@ -1,0 +1,204 @@
+"""Bad input, table-driven: each case gets one clear message naming the field, file or URI (exact
+fragment asserted), exit code 2, no traceback, and leaves nothing a later run could take as
+complete (no DONE.json). Runs the CLI in this process (`trainer.cli.main`), so the table is fast."""
+
+import fcntl
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+
+from trainer.cli import main
+
+TEST_IDS = None
+
+
+def _ids(n=8):
+    global TEST_IDS
+    if TEST_IDS is None:
+        from trainer.config import DataConfig
+        from trainer.data.records import load_split
+
+        TEST_IDS = [e.id for e in load_split(DataConfig(), "test")[:8]]
+    return TEST_IDS[:n]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _data_folder(tmp: Path, rows) -> Path:
+    d = tmp / "data"
+    d.mkdir(exist_ok=True)
+    for split in ("train", "validation", "test"):
+        _jsonl(d / f"{split}.jsonl", rows)
+    return d
+
+
+def _ds_json(tmp: Path, text: str) -> Path:
+    p = tmp / "ds.json"
+    p.write_text(text)
+    return p
+
+
+def _preds(tmp: Path, rows) -> Path:
+    return _jsonl(tmp / "preds.jsonl", rows)
+
+
+GOOD_ROW = {"id": "a", "document": "We study things. " * 10, "summary": "Things are studied."}
+
+# (case id, command, overrides: a function of the case's tmp folder, expected message fragment)
+CASES = [
+    # config
+    ("unknown-key", "sft", lambda t: ["sft.lrr=1"], "sft.lrr is not a known setting. Did you mean 'sft.lr'?"),
+    ("zero-batch", "sft", lambda t: ["sft.batch_size=0"], "sft.batch_size (0) must be greater than 0."),
+    ("nan-lr", "sft", lambda t: ["sft.lr=nan"], "sft.lr (nan) must be a finite number."),
+    ("nan-grad-norm", "sft", lambda t: ["sft.max_grad_norm=nan"], "sft.max_grad_norm (nan) must be a finite number."),
+    ("negative-lr", "ppo", lambda t: ["ppo.lr=-1"], "ppo.lr (-1.0) must be greater than 0."),
+    ("wrong-type-int", "sft", lambda t: ["sft.epochs=abc"], "sft.epochs ('abc') must be an integer."),
+    ("wrong-type-bool", "sft", lambda t: ["sft.packing=maybe"], "sft.packing ('maybe') must be true or false."),
+    ("bad-literal", "ppo", lambda t: ["ppo.kl_estimator=k9"], "ppo.kl_estimator ('k9') must be one of 'k1', 'k2', 'k3'."),
+    ("top-p", "ppo", lambda t: ["ppo.top_p=1.5"], "ppo.top_p (1.5) must be in (0, 1]."),
+    ("gamma", "ppo", lambda t: ["ppo.gamma=1.5"], "ppo.gamma (1.5) must be at most 1."),
+    ("group-needs-samples", "ppo", lambda t: ["ppo.advantage=grpo", "ppo.samples_per_prompt=1"],
+     "ppo.samples_per_prompt (1) must be at least 2 with ppo.advantage=grpo"),
+    ("no-reward-term", "ppo", lambda t: ["ppo.reward.rm_weight=0", "ppo.reward.metric=none"],
+     "ppo.reward has neither a reward-model term"),
+    ("length-alarm", "ppo", lambda t: ["ppo.length_alarm_low=3", "ppo.length_alarm_high=1"],
+     "ppo.length_alarm_low (3.0) and ppo.length_alarm_high (1.0) must satisfy 0 < low < high."),
+    ("not-key-value", "sft", lambda t: ["sft.lr"], "override (sft.lr) is not of the form key.sub=value."),
+    ("batch-not-multiple", "sft", lambda t: ["sft.batch_size=7"],
+     "sft.batch_size (7) is not a multiple of sft.micro_batch_size (2)."),
+    ("unknown-mode", "reward-model", lambda t: ["rm.mode_weights={typo: 1}"], "rm.mode_weights has unknown modes ['typo']."),
+    ("no-mode", "reward-model", lambda t: ["rm.mode_weights={random_tokens: 0}"],
+     "rm.mode_weights gives no mode a positive weight."),
+    ("empty-output-dir", "sft", lambda t: ["output_dir="], "output_dir ('') must name a folder."),
+    ("warmup-beyond-run", "sft", lambda t: ["sft.warmup_steps=500"],
+     "sft.warmup_steps (500) is not below the run's 12 optimizer steps"),
+    ("ppo-minibatch", "ppo", lambda t: ["ppo.minibatch_size=3"], "ppo.minibatch_size (3) does not divide the rollout"),
+    ("ppo-splits", "ppo", lambda t: ["data.dev_split=test"], "data.dev_split (test) equals data.eval_split."),
+    # deepspeed JSON
+    ("ds-missing", "sft", lambda t: ["deepspeed.config=nope"], "deepspeed.config (nope) does not exist."),
+    ("ds-list", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '[1, 2]')}"], "must be a JSON object of DeepSpeed settings"),
+    ("ds-invalid", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '{nope')}"], "is not valid JSON"),
+    ("ds-contradiction", "sft", lambda t: [f"deepspeed.config={_ds_json(t, json.dumps({'train_batch_size': 3}))}"],
+     "train_batch_size (3) in the DeepSpeed JSON contradicts our config (8)."),
+    # data
+    ("data-missing-folder", "sft", lambda t: [f"data.source={t / 'nowhere'}"], "is neither 'aclsum', 'hub:<name>' nor an existing folder."),
+    ("data-no-split", "sft", lambda t: [f"data.source={t}"], "data split (train) has no file in"),
+    ("data-bad-json", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, '{broken'])}"],
+     "has 1 malformed line(s):\n  line 2: not valid JSON"),
+    ("data-empty-summary", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, {**GOOD_ROW, 'summary': ' '}])}",
+                                             "data.references_field=null"], "field(s) 'summary' missing or empty"),
+    ("data-not-utf8", "sft", lambda t: [f"data.source={_latin1(_data_folder(t, [GOOD_ROW]))}"], "line 2: not UTF-8 text"),
+    ("tokenizer-missing", "sft", lambda t: [f"model.path={_sft_like(t)}", "model.random_init=false"],
+     "has no usable tokenizer"),
+    ("data-wrong-field", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW])}", "data.document_field=text"],
+     "field(s) 'text' missing or empty"),
+    ("predictions-missing", "evaluate", lambda t: [f"eval.predictions={t / 'none.jsonl'}"], "does not exist."),
+    ("predictions-null", "evaluate", lambda t: [f"eval.predictions={_preds(t, [{'id': i, 'prediction': None} for i in _ids()])}"],
+     'line 1: "prediction" is null, not a string.'),
+    ("predictions-list", "evaluate", lambda t: [f"eval.predictions={_preds(t, [{'id': i, 'prediction': ['a']} for i in _ids()])}"],
+     'line 1: "prediction" is ["a"], not a string.'),
+    ("predictions-duplicate", "evaluate",
+     lambda t: [f"eval.predictions={_preds(t, [{'id': i, 'prediction': 'x'} for i in _ids() + _ids(1)])}"],
+     "line 9: id " + "{first} already has a prediction on line 1."),
+    ("predictions-unknown-id", "evaluate",
+     lambda t: [f"eval.predictions={_preds(t, [{'id': i, 'prediction': 'x'} for i in _ids() + ['zzz']])}"],
+     "has predictions for 1 ids that are not evaluation examples (first: zzz)."),
+    ("predictions-missing-ids", "evaluate", lambda t: [f"eval.predictions={_preds(t, [{'id': _ids(1)[0], 'prediction': 'x'}])}"],
+     "has no prediction for 7 of 8 evaluation examples"),
+    ("predictions-not-json", "evaluate", lambda t: [f"eval.predictions={_preds(t, ['not json'])}"], "line 1 is not valid JSON"),
+    # models
+    ("model-missing", "sft", lambda t: [f"model.path={t / 'nothing'}", "model.random_init=false"], "does not exist."),
+    ("model-no-config", "sft", lambda t: [f"model.path={t}", "model.random_init=false"], "is a folder without config.json."),
+    ("model-no-weights", "sft", lambda t: [f"model.path={_config_only(t)}", "model.random_init=false"],
+     "has a config but its weights could not be loaded"),
+    ("model-corrupt-gguf", "sft", lambda t: [f"model.path={_corrupt_gguf(t)}", "model.random_init=false"],
+     "could not be read as a GGUF model"),
+    ("model-override-field", "sft", lambda t: ["model.config_overrides={no_such_field: 1}"],
+     "model.config_overrides.no_such_field is not a field of LlamaConfig."),
+    ("model-override-type", "sft", lambda t: ["model.config_overrides={num_hidden_layers: two}"],
+     "model.config_overrides.num_hidden_layers ('two') must be a int"),
+    ("evaluate-without-sft", "evaluate", lambda t: [], "holds no model. Run `lastmile sft` with the same output_dir first"),
+    ("ppo-without-sft", "ppo", lambda t: [], "ppo.init is unset and"),
+    ("ppo-without-reward-model", "ppo", lambda t: [f"ppo.init={_sft_like(t)}"], "holds no reward model. Run `lastmile reward-model`"),
+    # tracking and environment
+    ("tracking-unreachable", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"],
+     "tracking.uri (http://127.0.0.1:9) does not answer"),
+    ("tracking-malformed", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=bogus-uri"],
+     "tracking.uri (bogus-uri) is not an MLflow tracking URI."),
+    ("output-dir-is-file", "sft", lambda t: [f"output_dir={_a_file(t)}"], "is a file. Point output_dir at a folder"),
+    ("compare-unknown-source", "compare", lambda t: [str(t / "nowhere")], "is neither an evaluation folder"),
+]
+
+
+def _config_only(t: Path) -> Path:
+    d = t / "cfg_only"
+    d.mkdir()
+    from trainer.config import load_config
+    from trainer.models import resolve_model_path
+
+    src = Path(resolve_model_path(load_config(TINY).model.path))
+    for f in src.iterdir():  # everything but the weights
+        if f.is_file() and f.suffix != ".safetensors":
+            (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def _latin1(folder: Path) -> Path:
+    for f in folder.iterdir():
+        with open(f, "ab") as out:
+            out.write(b'{"id": "b", "document": "caf\xe9", "summary": "x"}\n')
+    return folder
+
+
+def _corrupt_gguf(t: Path) -> Path:
+    p = t / "broken.gguf"
+    p.write_bytes(b"GGUF" + b"\0" * 64)
+    return p
+
+
+def _sft_like(t: Path) -> Path:
+    d = t / "sft_model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _a_file(t: Path) -> Path:
+    p = t / "a_file"
+    p.write_text("x")
+    return p
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
+    name, command, overrides, expected = case
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    out = tmp_path / "out"
+    args = overrides(case_dir)
+    if "{first}" in expected:
+        expected = expected.format(first=_ids(1)[0])
+    argv = [command, "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false", *args]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert expected in err, err[-2000:]
+    assert "Traceback" not in err
+    assert not list(Path(tmp_path).rglob("DONE.json"))  # nothing that looks complete
+
+
+def test_second_run_on_one_output_dir_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / ".lastmile.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242")
+        held.flush()
+        code = main(["sft", "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is in use by another lastmile run (pid 4242)" in err and "Traceback" not in err

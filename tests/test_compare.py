@@ -1,0 +1,94 @@
+"""`lastmile compare` against a real `mlflow server` on 127.0.0.1: two evaluations logged over HTTP,
+compared by run id, the comparison read back through `mlflow.search_runs`. The server is stopped by
+its PID (process group) at the end."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import TINY, run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),
+                            start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.skip(f"mlflow server did not answer within 90 s: {(root / 'server.log').read_text()[-500:]}")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_compare_two_evaluations_through_a_real_mlflow_server(mlflow_server, tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data.records import load_split
+
+    test = load_split(DataConfig(), "test")[:8]
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text("".join(json.dumps({"id": e.id, "prediction": e.summary}) + "\n" for e in test))
+    bad.write_text("".join(json.dumps({"id": e.id, "prediction": " ".join(e.summary.split()[:5])}) + "\n" for e in test))
+    out = tmp_path / "out"
+    common = [f"output_dir={out}", f"tracking.uri={mlflow_server}", "eval.semantic_model=none",
+              "eval.bootstrap_samples=200"]
+    for preds in (good, bad):
+        proc = run_cli("evaluate", "--config", str(TINY), f"eval.predictions={preds}", *common)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["lastmile"], filter_string="tags.`lastmile.stage` = 'evaluate'")
+    assert len(runs) == 2
+    ids = list(runs["run_id"])
+    proc = run_cli("compare", "--config", str(TINY), *ids, *common)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    comp = mlflow.search_runs(experiment_names=["lastmile"], filter_string="tags.`lastmile.stage` = 'compare'")
+    assert len(comp) == 1 and comp.iloc[0]["status"] == "FINISHED"
+    assert set(comp.iloc[0]["tags.lastmile.compared_runs"].split(",")) == set(ids)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(comp.iloc[0]["run_id"])}
+    assert {"report.md", "report.html", "results.json", "metrics.png"} <= artifacts
+    report = next((out / "compare").glob("*/report.md")).read_text()
+    assert "Comparison on 8 shared examples" in report and "Paired bootstrap" in report
+    result = json.loads(next((out / "compare").glob("*/results.json")).read_text())
+    rouge = {k: v["rougeL"] for k, v in result["systems"].items() if k.endswith(":model")}
+    assert sorted(rouge.values())[-1] == pytest.approx(1.0) and sorted(rouge.values())[0] < 0.8
+    (delta,) = [d["rougeL"] for k, d in result["comparisons"].items() if k.split(" - ")[0].endswith(":model")]
+    assert delta["ci_high"] < 0 or delta["ci_low"] > 0  # truncated references differ clearly from the references
+
+
+def test_compare_refuses_unknown_sources(tmp_path):
+    proc = run_cli("compare", "--config", str(TINY), str(tmp_path / "nowhere"), f"output_dir={tmp_path}",
+                   "tracking.enabled=false")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "is neither an evaluation folder" in proc.stderr
