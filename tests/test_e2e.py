@@ -2,7 +2,6 @@
 2-rank ZeRO-3, and user errors. Each run is a real subprocess of the CLI."""
 
 import json
-import os
 import re
 import shutil
 import signal

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from trainer import metrics
@@ -12,28 +13,19 @@ def test_rouge_max_over_references_and_length_adjustment():
     assert s["la_rouge1"][0] == pytest.approx(2 / 3 * 0.5)
 
 
+def test_newline_inside_a_text_is_not_a_sentence_break_for_lsum():
+    # Split at the newline, "c d / a b" would match "a b c d" sentence by sentence (union LCS: 4 of
+    # 4 words) instead of as one sentence (LCS: 2 of 4).
+    ref = "alpha beta gamma delta."
+    one_line = metrics.rouge_per_example(["gamma delta alpha beta."], [[ref]])
+    broken = metrics.rouge_per_example(["gamma delta\nalpha beta."], [["alpha beta\ngamma delta."]])
+    assert broken["rougeLsum"] == one_line["rougeLsum"] == one_line["rougeL"] == [pytest.approx(0.5)]
+    assert metrics.split_sentences("gamma delta\nalpha beta. Next one.") == ["gamma delta alpha beta.", "Next one."]
+
+
 def test_length_ratio():
     assert metrics.length_ratio(10, 20) == 0.5 and metrics.length_ratio(20, 10) == 0.5
     assert metrics.length_ratio(0, 5) == 0.0
-
-
-def test_postprocess_removes_loops_repeats_and_unfinished_tail():
-    assert metrics.remove_ngram_loops("we propose a model we propose a model we propose a model for x") == \
-        "we propose a model for x"
-    assert metrics.remove_ngram_loops("it is very very good") == "it is very very good"
-    assert metrics.remove_repeated_sentences("A b. C d. A b. E f.") == "A b. C d. E f."
-    # A near-repeat with a new opening (seen in SmolLM2 SFT outputs on ACLSum).
-    looped = ("The method aims to extract connotative sentiments from words that are objective on the surface. "
-              "They encode linguistic insights into a lexicon. They propose to use insights to extract connotative "
-              "sentiments from words that are objective on the surface.")
-    assert metrics.remove_repeated_sentences(looped) == (
-        "The method aims to extract connotative sentiments from words that are objective on the surface. "
-        "They encode linguistic insights into a lexicon.")
-    distinct = "We propose a parser for German. It improves accuracy on the TIGER treebank by two points."
-    assert metrics.remove_repeated_sentences(distinct) == distinct
-    assert metrics.trim_unfinished("We do X. We then do") == "We do X."
-    assert metrics.trim_unfinished("We do X and") == "We do X and"  # nothing complete to keep
-    assert metrics.postprocess("We win. We win. We win. We also") == "We win."
 
 
 def test_paired_bootstrap():
@@ -50,3 +42,28 @@ def test_semantic_similarity_offline():
     s = scorer.score(["a cat sits on a mat", "", "stock markets fell"],
                      [["the cat sat on the mat"], ["anything"], ["protein folding in cells"]])
     assert s[0] > 0.7 and s[1] == 0.0 and s[2] < 0.3
+
+
+class FakeEncoder:
+    """sentence-transformers' `encode` on letter counts; records every text it encodes."""
+
+    def __init__(self):
+        self.encoded: list[str] = []
+
+    def encode(self, texts, *, convert_to_numpy, normalize_embeddings, batch_size):
+        self.encoded += texts
+        vecs = np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz"] for t in texts], dtype=float)
+        return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
+
+
+def test_semantic_scorer_embeds_each_reference_once_across_systems():
+    refs = [["the cat sat", "a cat sat down"], ["stock markets fell"], ["the cat sat"]]
+    systems = [["a cat sits", "markets fell", "dogs"], ["", "stocks fell", "the cat sat"], ["x", "y", "z"]]
+    fake = FakeEncoder()
+    scorer = metrics.SemanticScorer("fake", encoder=fake)
+    scores = [scorer.score(preds, refs) for preds in systems]
+    distinct_refs = ["the cat sat", "a cat sat down", "stock markets fell"]
+    assert fake.encoded == distinct_refs + systems[0] + systems[1] + systems[2]
+    # the same numbers as a fresh scorer per system
+    assert scores == [metrics.SemanticScorer("fake", encoder=FakeEncoder()).score(p, refs) for p in systems]
+    assert scores[1][0] == 0.0 and scores[1][2] == pytest.approx(1.0)

@@ -2,7 +2,6 @@
 stage identities, a PPO kill and exact resume, and PPO under 2-rank ZeRO-3. Real CLI subprocesses."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

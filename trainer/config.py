@@ -109,7 +109,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimSettings:
-    """What `distributed.engine_for` needs to build an optimizer and LR schedule."""
+    """What `distributed.build_engine` needs to build an optimizer and LR schedule."""
 
     lr: float
     weight_decay: float

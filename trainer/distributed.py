@@ -195,13 +195,6 @@ def ds_config_for(ds_config: str, plan: BatchPlan, optim: OptimSettings, *, hidd
     return fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=optim.max_grad_norm, hidden_size=hidden_size)
 
 
-def engine_for(module: torch.nn.Module, optim: OptimSettings, plan: BatchPlan, *, total_steps: int, ds_config: str,
-               hidden_size: int):
-    """A stage's engine from its optimizer settings and a ds_configs/ name: (engine, filled DeepSpeed dict)."""
-    ds = ds_config_for(ds_config, plan, optim, hidden_size=hidden_size)
-    return build_engine(module, ds, optim, total_steps=total_steps), ds
-
-
 def inference_engine(module: torch.nn.Module, ds: dict[str, Any], device: torch.device):
     """A frozen model (reference, reward model) for forward passes only: under ZeRO-3 a DeepSpeed
     engine without optimizer, parameters partitioned across ranks; otherwise the plain module on the

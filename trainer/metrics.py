@@ -31,39 +31,60 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _CLOSERS = "\"'”’)]»"
 _OPENERS = "\"'“‘([«"
 _TERMINAL = re.compile(r"[.!?…][\"'”’)\]»]*$")
-# A word ending in "." that does not end a sentence: common abbreviations, a capital initial ("J."),
-# and dotted initialisms ("e.g.", "U.S.").
-_ABBREVIATIONS = frozenset(
-    "al. e.g. i.e. etc. fig. figs. eq. eqs. vs. cf. dr. mr. mrs. ms. prof. sec. no. approx. resp. viz.".split())
+# Words ending in "." that are not sentence ends: abbreviations that are always followed by more
+# of the sentence, and ones that may also end it ("... by Smith et al. We show ...", "A, B, etc.
+# The ..."), which end a sentence only when a capitalised common sentence opener follows. A capital
+# initial ("J.") and a dotted initialism ("U.S.") are of the second kind, so "by J. Smith" stays
+# whole and "We call it X. We then ..." splits. This is Punkt's idea (Kiss & Strunk 2006) with fixed
+# lists instead of learned ones.
+_NEVER_FINAL = frozenset({
+    "e.g.", "i.e.", "cf.", "vs.", "dr.", "mr.", "mrs.", "ms.", "prof.", "fig.", "figs.", "eq.", "eqs.",
+    "sec.", "no.", "approx.",
+})
+_MAYBE_FINAL = frozenset({"al.", "etc."})
 _INITIALS = re.compile(r"[A-Z]\.|(?:[A-Za-z]\.){2,}")
+_SENTENCE_STARTERS = frozenset({
+    "a", "an", "the", "this", "that", "these", "those", "it", "its", "we", "our", "they", "their", "he",
+    "she", "his", "her", "i", "you", "there", "here", "in", "on", "for", "to", "with", "as", "at", "by",
+    "from", "of", "after", "before", "during", "while", "when", "since", "although", "though", "because",
+    "if", "however", "moreover", "furthermore", "finally", "first", "second", "third", "then", "thus",
+    "hence", "therefore", "also", "but", "and", "or", "yet", "so", "results", "experiments", "overall",
+})
 
 
 def split_sentences(text: str) -> list[str]:
     """Sentences of `text`, each with its whitespace collapsed to single spaces.
 
     A sentence ends at a word that ends in terminal punctuation (see `_TERMINAL`), unless that word
-    is an abbreviation or an initial ("et al.", "e.g.", "Fig.", "J."). Splitting happens only
-    between words, so a decimal ("3.5") is never split; newlines are ordinary whitespace.
+    is an abbreviation or an initial that does not end the sentence ("et al. and", "e.g.", "Fig.",
+    "J. Smith"). Splitting happens only between words, so a decimal ("3.5") is never split;
+    newlines are ordinary whitespace.
     """
+    words = text.split()
     sentences: list[str] = []
-    current: list[str] = []
-    for word in text.split():
-        current.append(word)
-        if _ends_sentence(word):
-            sentences.append(" ".join(current))
-            current = []
-    if current:
-        sentences.append(" ".join(current))
+    start = 0
+    for i, word in enumerate(words):
+        if i + 1 == len(words) or _ends_sentence(word, words[i + 1]):
+            sentences.append(" ".join(words[start : i + 1]))
+            start = i + 1
     return sentences
 
 
-def _ends_sentence(word: str) -> bool:
+def _ends_sentence(word: str, next_word: str) -> bool:
     if not _TERMINAL.search(word):
         return False
     core = word.rstrip(_CLOSERS).lstrip(_OPENERS)
     if not core.endswith("."):
         return True  # ! ? …
-    return core.lower() not in _ABBREVIATIONS and not _INITIALS.fullmatch(core)
+    if core.lower() in _NEVER_FINAL:
+        return False
+    if core.lower() in _MAYBE_FINAL or _INITIALS.fullmatch(core):
+        following = next_word.lstrip(_OPENERS)
+        if _INITIALS.fullmatch(following.rstrip(_CLOSERS)):
+            return False  # "J. A. Smith"
+        opener = re.match(r"\w+", following)
+        return bool(opener) and opener.group()[0].isupper() and opener.group().lower() in _SENTENCE_STARTERS
+    return True
 
 
 def n_words(text: str) -> int:
@@ -204,7 +225,9 @@ def remove_ngram_loops(text: str) -> str:
 
 
 _WORD = re.compile(r"\w+(?:[.,']\w+)*")  # "isn't", "3.5", "1,000" are one word each
-_NEGATIONS = frozenset("not no never nor none nothing neither nobody nowhere cannot without".split())
+_NEGATIONS = frozenset({
+    "not", "no", "never", "nor", "none", "nothing", "neither", "nobody", "nowhere", "cannot", "without",
+})
 
 
 def _words(sentence: str) -> list[str]:
@@ -216,10 +239,8 @@ def _is_negation(word: str) -> bool:
 
 
 def _shortened_copy(sentence: list[str], earlier: list[str]) -> bool:
-    """True when `sentence` is `earlier` with zero or more words deleted, none of them a negation.
-
-    Shapes: word lists. Greedy subsequence matching is exact for this test.
-    """
+    """True when word list `sentence` is word list `earlier` with zero or more words deleted, none
+    of them a negation (greedy subsequence matching, which is exact for this test)."""
     i = 0
     for word in earlier:
         if i < len(sentence) and sentence[i] == word:

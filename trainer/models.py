@@ -191,7 +191,9 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
                              f"model's own value ({current!r}).")
         setattr(hf_config, key, value)
     kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
-    with partitioned_loading(ds):
+    # A random-init model (tests, smoke runs) is small and built the same on every rank: whole, so that
+    # 1 and N ranks start from identical weights.
+    with partitioned_loading(None if cfg.random_init and path is None else ds):
         if cfg.random_init and path is None:
             torch.manual_seed(0)
             model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)

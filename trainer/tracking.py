@@ -67,11 +67,11 @@ class MlflowTracker:
             # a local store keeps its artifacts beside it, not in ./mlruns of whatever directory we run from
             mlflow.create_experiment(experiment, artifact_location=artifact_location)
         mlflow.set_experiment(experiment)
-        self._logged_through = -1  # a resumed run drops steps it logged before the kill: no duplicates
+        self._logged_through: dict[str, int] = {}  # a reopened run drops (metric, step)s it already holds
         if resume_run_id:
             self._run = mlflow.start_run(run_id=resume_run_id)
             mlflow.set_tag("lastmile.resumed", "true")
-            self._logged_through = _last_logged_step(mlflow.MlflowClient(), resume_run_id)
+            self._logged_through = _last_logged_steps(mlflow.MlflowClient(), resume_run_id)
         else:
             self._run = mlflow.start_run(run_name=run_name, tags=tags)
             for chunk in _chunks(params, 100):
@@ -79,9 +79,10 @@ class MlflowTracker:
         self.run_id = self._run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if step is not None and step <= self._logged_through:
-            return
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        if step is not None:
+            metrics = {k: v for k, v in metrics.items() if step > self._logged_through.get(k, -1)}
+        if metrics:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.exceptions import MlflowException
@@ -121,11 +122,10 @@ def closing(tracker: Tracker):
         tracker.end(status)
 
 
-def _last_logged_step(client, run_id: str) -> int:
-    """The highest step of any metric already in the run (-1 when none)."""
+def _last_logged_steps(client, run_id: str) -> dict[str, int]:
+    """metric -> the highest step it already has in the run."""
     keys = client.get_run(run_id).data.metrics.keys()
-    steps = [m.step for k in keys for m in client.get_metric_history(run_id, k)]
-    return max(steps, default=-1)
+    return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def _chunks(d: dict[str, Any], n: int):

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from trainer import checkpoint, distributed, metrics, preemption, tracking
+from trainer import checkpoint, distributed, metrics, tracking
 from trainer.algorithms.losses import auroc, pairwise_loss
 from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from trainer.data import sampling
@@ -34,9 +32,10 @@ from trainer.data.records import Example, load_split
 from trainer.data.sampling import micro_batch_indices
 from trainer.errors import ConfigError, UserError
 from trainer.generation import generate
-from trainer.models import ScalarRewardModel, load_causal_lm, load_reward_backbone, load_tokenizer
+from trainer.models import ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone, load_tokenizer
 from trainer.plots import plot_histograms
 from trainer.stages import common
+from trainer.stages.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 STATS_FILE = "reward_stats.json"
@@ -55,7 +54,6 @@ def run(cfg: Config) -> Path:
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
         return stage_dir / "model"
-    ckpt_root = stage_dir / "checkpoints"
     tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path))
     builder = PromptBuilder(tokenizer, cfg.prompt)
     train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
@@ -67,13 +65,15 @@ def run(cfg: Config) -> Path:
     plan = plan_batches(cfg.rm.batch_size, cfg.rm.micro_batch_size, dist.world_size, field_prefix="rm")
     total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
 
-    rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id)
-    engine, ds = distributed.engine_for(ScalarRewardModel(rm), cfg.rm.optim(), plan, total_steps=total_steps,
-                                        ds_config=cfg.deepspeed.config, hidden_size=rm.config.hidden_size)
+    ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.rm.optim(),
+                                   hidden_size=hidden_size_of(cfg.model, None if init == cfg.model.path else init))
+    rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id, ds=ds)
+    engine = distributed.build_engine(ScalarRewardModel(rm), ds, cfg.rm.optim(), total_steps=total_steps)
     if dist.is_main:
         log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
                  _mode_counts(pairs), total_steps, attn.implementation)
-    state = checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {"step": 0, "run_id": None, "history": []}
+    state = {"step": 0, "run_id": None, "history": [],
+             **(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main) or {})}
     tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state["run_id"],
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
@@ -81,9 +81,13 @@ def run(cfg: Config) -> Path:
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size, "train_pairs": len(train),
         "total_steps": total_steps})
+    ctx = TrainContext(cfg, dist, cfg.rm, engine, ds, rm, "rm.", tokenizer, plan, total_steps, tracker, stage_dir,
+                       "reward-model")
     with tracking.closing(tracker):
-        _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root)
-        _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root)
+        train_loop(ctx, state, lambda step: rm_train_step(engine, train, step, plan, cfg, dist, tokenizer.pad_token_id),
+                   on_step=lambda st, m: st["history"].append((st["step"], m["rm/loss"], m["rm/accuracy"])),
+                   show=("rm/loss", "rm/accuracy"))
+        _evaluate_and_save(ctx, builder, state)
         if dist.is_main:
             common.mark_done(cfg, stage_dir, "reward_model", state["run_id"], start.identity)
     return stage_dir / "model"
@@ -192,31 +196,8 @@ def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, 
             stats[k] += v / plan.grad_accum
     out = {f"rm/{k}": distributed.all_reduce_sum(v) / dist.world_size for k, v in stats.items()}
     out["perf/padding_fraction"] = 1 - distributed.all_reduce_sum(real) / distributed.all_reduce_sum(processed)
+    out["rm/lr"] = engine.get_lr()[0]
     return out
-
-
-def _train_loop(cfg, engine, ds, rm, tokenizer, train, plan, total_steps, state, tracker, dist, ckpt_root) -> None:
-    bar = tqdm(total=total_steps, initial=state["step"], desc="reward-model", unit="step", disable=not dist.is_main)
-    engine.train()
-    while state["step"] < total_steps:
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed + state["step"])
-        m = rm_train_step(engine, train, state["step"], plan, cfg, dist, tokenizer.pad_token_id)
-        state["step"] += 1
-        m.update({"rm/lr": engine.get_lr()[0], "time/step_s": time.perf_counter() - t0})
-        state["history"].append((state["step"], m["rm/loss"], m["rm/accuracy"]))
-        if dist.is_main:
-            tracker.log_metrics(m, step=state["step"])
-        bar.update(1)
-        bar.set_postfix(loss=f"{m['rm/loss']:.4f}", acc=f"{m['rm/accuracy']:.2f}")
-        stop = preemption.requested()
-        if (cfg.rm.save_every and state["step"] % cfg.rm.save_every == 0) or stop:
-            checkpoint.save_checkpoint(engine, ds, rm, tokenizer, state, ckpt_root, state["step"],
-                                       keep=cfg.rm.keep_checkpoints, prefix="rm.")
-        if stop:
-            bar.close()
-            raise preemption.Preempted(f"stopped at step {state['step']}; the next run resumes from the checkpoint")
-    bar.close()
 
 
 @torch.no_grad()
@@ -293,14 +274,12 @@ def _mle_outputs(output_dir: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _evaluate_and_save(cfg, engine, ds, rm, tokenizer, builder, state, tracker, dist, stage_dir, ckpt_root) -> None:
-    results = evaluate_reward_model(cfg, engine, tokenizer, builder, dist)
-    final = ckpt_root / f"step-{state['step']:07d}"
-    if not final.is_dir():
-        final = checkpoint.save_checkpoint(engine, ds, rm, tokenizer, state, ckpt_root, state["step"],
-                                           keep=cfg.rm.keep_checkpoints, prefix="rm.")
-    if not dist.is_main:
+def _evaluate_and_save(ctx: TrainContext, builder: PromptBuilder, state: dict) -> None:
+    results = evaluate_reward_model(ctx.cfg, ctx.engine, ctx.tokenizer, builder, ctx.dist)
+    final = ctx.final_checkpoint(state)
+    if not ctx.dist.is_main:
         return
+    stage_dir, tracker = ctx.stage_dir, ctx.tracker
     checkpoint.write_json_atomic(final / "model" / STATS_FILE, results["reward_stats"])
     checkpoint.publish_model(final / "model", stage_dir / "model")
     checkpoint.write_json_atomic(stage_dir / "results.json", results)

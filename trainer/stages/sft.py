@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from kernels.logprob import resolve_impl
-from trainer import checkpoint, distributed, preemption, tracking
+from trainer import checkpoint, distributed, tracking
 from trainer.algorithms.losses import token_mean_loss
 from trainer.config import BatchPlan, Config, plan_batches
 from trainer.data import sampling
@@ -30,25 +28,13 @@ from trainer.data.sampling import micro_batch_indices
 from trainer.distributed import DistInfo
 from trainer.errors import UserError
 from trainer.generation import generate
-from trainer.models import TokenLogprobModel, count_parameters, load_causal_lm, load_tokenizer
+from trainer.hybrid_engine import HybridEngine
+from trainer.models import TokenLogprobModel, count_parameters, hidden_size_of, load_causal_lm, load_tokenizer
 from trainer.plots import plot_curves
 from trainer.stages import common
+from trainer.stages.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SFTState:
-    """Everything besides the engine needed to resume; saved as trainer_state.json."""
-
-    step: int = 0
-    run_id: str | None = None
-    loss_history: list[tuple[int, float]] | None = None
-    val_history: list[tuple[int, float]] | None = None
-
-    def __post_init__(self):
-        self.loss_history = [tuple(x) for x in (self.loss_history or [])]
-        self.val_history = [tuple(x) for x in (self.val_history or [])]
 
 
 def run(cfg: Config) -> Path:
@@ -56,33 +42,36 @@ def run(cfg: Config) -> Path:
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
         return stage_dir / "model"
-    ckpt_root = stage_dir / "checkpoints"
     tokenizer = load_tokenizer(cfg.model)
     train, val = _load_data(cfg, tokenizer, dist)
     plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
     total_steps = sampling.total_steps(cfg.sft, len(train), plan, field_prefix="sft", unit="examples")
-
-    lm, attn = load_causal_lm(cfg.model, dist.device)
+    ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.sft.optim(), hidden_size=hidden_size_of(cfg.model))
+    lm, attn = load_causal_lm(cfg.model, dist.device, ds=ds)
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
                  attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
-    engine, ds = distributed.engine_for(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), cfg.sft.optim(), plan,
-                                        total_steps=total_steps, ds_config=cfg.deepspeed.config,
-                                        hidden_size=lm.config.hidden_size)
-    state = SFTState(**(checkpoint.resume(engine, ckpt_root, is_main=dist.is_main) or {}))
-
-    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id,
+    engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), ds, cfg.sft.optim(),
+                                      total_steps=total_steps)
+    state = {"step": 0, "run_id": None, "loss_history": [], "val_history": [],
+             **(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main) or {})}
+    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state["run_id"],
                              record=stage_dir / "mlflow_run.json")
-    state.run_id = tracker.run_id if dist.is_main else None
+    state["run_id"] = tracker.run_id if dist.is_main else None
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size,
         "logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device), "train_examples": len(train),
         "total_steps": total_steps, "grad_accum": plan.grad_accum})
+    ctx = TrainContext(cfg, dist, cfg.sft, engine, ds, lm, "lm.", tokenizer, plan, total_steps, tracker, stage_dir, "sft")
     with tracking.closing(tracker):
-        _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state, tracker, dist, ckpt_root)
-        _finish(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist, stage_dir, ckpt_root)
+        if state["step"] == 0 and cfg.sft.eval_every:  # the untuned model's validation loss: the curve's start
+            _validate(ctx, val, state)
+        train_loop(ctx, state, lambda step: _step(ctx, train, step),
+                   on_step=lambda st, metrics: _after_step(ctx, val, st, metrics), log_every=cfg.sft.log_every,
+                   show=("sft/loss",))
+        _finish(ctx, val, state)
         if dist.is_main:
-            common.mark_done(cfg, stage_dir, "sft", state.run_id, start.identity)
+            common.mark_done(cfg, stage_dir, "sft", state["run_id"], start.identity)
     return stage_dir / "model"
 
 
@@ -131,45 +120,23 @@ def train_step(engine, micro_batches: list[SFTBatch], plan: BatchPlan, precision
     }
 
 
-def _train_loop(cfg, engine, ds, lm, tokenizer, train, val, plan, total_steps, state: SFTState, tracker, dist,
-                ckpt_root: Path) -> None:
-    s = cfg.sft
-    if state.step == 0 and s.eval_every:  # the untuned model's validation loss: the baseline of the curve
-        _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
-    bar = tqdm(total=total_steps, initial=state.step, desc="sft", unit="step", disable=not dist.is_main)
-    engine.train()
-    while state.step < total_steps:
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed + state.step)  # dropout etc. depend on the step only: resume is exact
-        mbs = step_micro_batches(train, state.step, plan, dist.rank, cfg.seed, tokenizer.pad_token_id,
-                                 packing=s.packing)
-        metrics = train_step(engine, mbs, plan, cfg.precision, dist.device)
-        state.step += 1
-        elapsed = time.perf_counter() - t0
-        real = distributed.all_reduce_sum(sum(mb.num_real_tokens for mb in mbs))
-        processed = distributed.all_reduce_sum(sum(mb.num_processed_tokens for mb in mbs))
-        metrics.update({"perf/tokens_per_s": real / elapsed, "perf/padding_fraction": 1 - real / processed,
-                        "time/step_s": elapsed})
-        state.loss_history.append((state.step, metrics["sft/loss"]))
-        if dist.is_main and state.step % s.log_every == 0:
-            tracker.log_metrics(metrics, step=state.step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{metrics['sft/loss']:.4f}")
-        last = state.step == total_steps
-        if s.eval_every and state.step % s.eval_every == 0 and not last:
-            _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
-        stop = preemption.requested()
-        if (s.save_every and state.step % s.save_every == 0) or stop:
-            checkpoint.save_checkpoint(engine, ds, lm, tokenizer, _state_dict(state), ckpt_root, state.step,
-                                       keep=s.keep_checkpoints)
-        if stop:
-            bar.close()
-            raise preemption.Preempted(f"stopped at step {state.step}; the next run resumes from the checkpoint")
-    bar.close()
+def _step(ctx: TrainContext, train: list[TokenizedExample], step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    mbs = step_micro_batches(train, step, ctx.plan, ctx.dist.rank, ctx.cfg.seed, ctx.tokenizer.pad_token_id,
+                             packing=ctx.train.packing)
+    metrics = train_step(ctx.engine, mbs, ctx.plan, ctx.cfg.precision, ctx.dist.device)
+    elapsed = time.perf_counter() - t0
+    real = distributed.all_reduce_sum(sum(mb.num_real_tokens for mb in mbs))
+    processed = distributed.all_reduce_sum(sum(mb.num_processed_tokens for mb in mbs))
+    metrics.update({"perf/tokens_per_s": real / elapsed, "perf/padding_fraction": 1 - real / processed})
+    return metrics
 
 
-def _state_dict(state: SFTState) -> dict:
-    return {"step": state.step, "run_id": state.run_id, "loss_history": state.loss_history, "val_history": state.val_history}
+def _after_step(ctx: TrainContext, val: list[TokenizedExample], state: dict, metrics: dict[str, float]) -> None:
+    state["loss_history"].append((state["step"], metrics["sft/loss"]))
+    every = ctx.cfg.sft.eval_every
+    if every and state["step"] % every == 0 and state["step"] < ctx.total_steps:
+        _validate(ctx, val, state)
 
 
 @torch.no_grad()
@@ -192,45 +159,48 @@ def validation_loss(engine, val: list[TokenizedExample], micro_batch: int, preci
     return distributed.all_reduce_sum(nll) / max(distributed.all_reduce_sum(tokens), 1)
 
 
-def _validate(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist) -> None:
+def _validate(ctx: TrainContext, val: list[TokenizedExample], state: dict) -> None:
+    cfg = ctx.cfg
     if not val or not cfg.sft.eval_examples:
         return
-    loss = validation_loss(engine, val[: cfg.sft.eval_examples], cfg.sft.micro_batch_size, cfg.precision, dist,
-                           tokenizer.pad_token_id)
-    state.val_history.append((state.step, loss))
-    samples = _sample_generations(cfg, lm, tokenizer, val, ds, dist)
-    if dist.is_main:
-        tracker.log_metrics({"sft/val_loss": loss}, step=state.step)
+    loss = validation_loss(ctx.engine, val[: cfg.sft.eval_examples], cfg.sft.micro_batch_size, cfg.precision, ctx.dist,
+                           ctx.tokenizer.pad_token_id)
+    state["val_history"].append((state["step"], loss))
+    samples = _sample_generations(ctx, val)
+    if ctx.dist.is_main:
+        ctx.tracker.log_metrics({"sft/val_loss": loss}, step=state["step"])
         if samples:
-            tracker.log_text(samples, f"samples/step-{state.step:07d}.md")
-        log.info("step %d: val_loss %.4f", state.step, loss)
+            ctx.tracker.log_text(samples, f"samples/step-{state['step']:07d}.md")
+        log.info("step %d: val_loss %.4f", state["step"], loss)
 
 
-def _sample_generations(cfg, lm, tokenizer, val, ds, dist) -> str:
-    n = min(cfg.sft.num_samples, len(val))
+def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
+    """A few greedy summaries of validation documents, through the hybrid engine's generation mode
+    (under ZeRO-3: gathered once, not per token)."""
+    n = min(ctx.cfg.sft.num_samples, len(val))
     if n == 0:
         return ""
-    multi = dist.world_size > 1 and distributed.zero_stage(ds) == 3
-    texts = generate(lm, tokenizer, val[:n], cfg.eval.generation, dist.device, synced_gpus=multi,
-                     autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=False)
+    hybrid = HybridEngine(ctx.engine, ctx.model, ctx.ds, ctx.dist.device, world_size=ctx.dist.world_size)
+    with hybrid.generation_mode():
+        texts = generate(ctx.model, ctx.tokenizer, val[:n], ctx.cfg.eval.generation, ctx.dist.device,
+                         synced_gpus=hybrid.synced_gpus, show_progress=False,
+                         autocast_ctx=distributed.autocast(ctx.cfg.precision, ctx.dist.device))
     return "\n\n".join(f"### {ex.id}\n{t}" for ex, t in zip(val[:n], texts))
 
 
-def _finish(cfg, engine, ds, lm, tokenizer, val, state: SFTState, tracker, dist, stage_dir: Path, ckpt_root: Path) -> None:
-    _validate(cfg, engine, ds, lm, tokenizer, val, state, tracker, dist)
-    final = ckpt_root / f"step-{state.step:07d}"
-    if not final.is_dir():
-        final = checkpoint.save_checkpoint(engine, ds, lm, tokenizer, _state_dict(state), ckpt_root, state.step,
-                                           keep=cfg.sft.keep_checkpoints)
-    if not dist.is_main:
+def _finish(ctx: TrainContext, val: list[TokenizedExample], state: dict) -> None:
+    _validate(ctx, val, state)
+    final = ctx.final_checkpoint(state)
+    if not ctx.dist.is_main:
         return
+    stage_dir = ctx.stage_dir
     checkpoint.publish_model(final / "model", stage_dir / "model")
-    summary = {"step": state.step, "final_loss": state.loss_history[-1][1] if state.loss_history else None,
-               "final_val_loss": state.val_history[-1][1] if state.val_history else None,
-               "loss_history": state.loss_history, "val_history": state.val_history}
+    losses, vals = state["loss_history"], state["val_history"]
+    summary = {"step": state["step"], "final_loss": losses[-1][1] if losses else None,
+               "final_val_loss": vals[-1][1] if vals else None, "loss_history": losses, "val_history": vals}
     checkpoint.write_json_atomic(stage_dir / "metrics.json", summary)
-    plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": state.loss_history, "val loss": state.val_history},
-                       title="SFT", ylabel="NLL per target token")
+    plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": losses, "val loss": vals}, title="SFT",
+                       ylabel="NLL per target token")
     for path in (stage_dir / "metrics.json", plot):
-        tracker.log_artifact(path)
-    print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)
+        ctx.tracker.log_artifact(path)
+    print(f"SFT done: {state['step']} steps, model at {stage_dir / 'model'}", flush=True)

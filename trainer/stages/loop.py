@@ -1,0 +1,80 @@
+"""The optimizer-step loop the supervised stages share (SFT, reward model): one typed context instead
+of a dozen arguments, one loop instead of two copies.
+
+Each step: seed from the step (dropout and data order depend on the step only, so resume is exact),
+the stage's `step_fn`, its `on_step` (history, validation), metrics to the tracker, a checkpoint
+every `save_every` steps or when a stop signal arrived (then `Preempted`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from trainer import checkpoint, preemption
+from trainer.config import BatchPlan, Config, TrainConfig
+from trainer.distributed import DistInfo
+from trainer.tracking import Tracker
+
+
+@dataclass
+class TrainContext:
+    cfg: Config
+    dist: DistInfo
+    train: TrainConfig  # cfg.sft or cfg.rm
+    engine: Any  # the DeepSpeed engine
+    ds: dict  # its filled DeepSpeed config
+    model: Any  # the Hugging Face model inside the engine's module, saved in checkpoints
+    prefix: str  # that model's attribute in the engine's module, with a dot ("lm.", "rm.")
+    tokenizer: Any
+    plan: BatchPlan
+    total_steps: int
+    tracker: Tracker
+    stage_dir: Path
+    name: str  # progress bar label
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.stage_dir / "checkpoints"
+
+    def save(self, state: dict) -> Path:
+        """Collective: an atomic checkpoint of the engine and `state` at state["step"]."""
+        return checkpoint.save_checkpoint(self.engine, self.ds, self.model, self.tokenizer, state, self.ckpt_root,
+                                          state["step"], keep=self.train.keep_checkpoints, prefix=self.prefix)
+
+    def final_checkpoint(self, state: dict) -> Path:
+        """The checkpoint at the last step (saved now unless it exists)."""
+        final = self.ckpt_root / f"step-{state['step']:07d}"
+        return final if final.is_dir() else self.save(state)
+
+
+def train_loop(ctx: TrainContext, state: dict, step_fn: Callable[[int], dict[str, float]], *,
+               on_step: Callable[[dict, dict], None] | None = None, log_every: int = 1,
+               show: tuple[str, ...] = ()) -> None:
+    """Run optimizer steps from state["step"] to ctx.total_steps. step_fn(step) -> metrics."""
+    bar = tqdm(total=ctx.total_steps, initial=state["step"], desc=ctx.name, unit="step", disable=not ctx.dist.is_main)
+    ctx.engine.train()
+    while state["step"] < ctx.total_steps:
+        t0 = time.perf_counter()
+        torch.manual_seed(ctx.cfg.seed + state["step"])
+        metrics = step_fn(state["step"])
+        state["step"] += 1
+        metrics["time/step_s"] = time.perf_counter() - t0
+        if ctx.dist.is_main and state["step"] % log_every == 0:
+            ctx.tracker.log_metrics(metrics, step=state["step"])
+        if on_step is not None:
+            on_step(state, metrics)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.4f}" for k in show if k in metrics})
+        stop = preemption.requested()
+        if (ctx.train.save_every and state["step"] % ctx.train.save_every == 0) or stop:
+            ctx.save(state)
+        if stop:
+            bar.close()
+            raise preemption.Preempted(f"stopped at step {state['step']}; the next run resumes from the checkpoint")
+    bar.close()
