@@ -4,7 +4,7 @@ newest checkpoint and a full disk. After each fault the same command is run agai
 from the last complete checkpoint and end where the uninterrupted pipeline ended, with one MLflow
 run per stage and no duplicated metric steps.
 
-    python -m pytest -m slow -k fault        # the full suite (24 kill trials + the others)
+    python -m pytest -m slow -k fault        # the full suite (16 kill trials + 5 others)
     python -m pytest -k fault                # the fast subset (in the default run)
 
 Each trial copies the stages before the one it attacks from the uninterrupted reference run, so a
@@ -153,7 +153,7 @@ def _random_trials(n_per_stage: int):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,delay", _random_trials(4), ids=lambda x: f"{x:.1f}s" if isinstance(x, float) else x)
+@pytest.mark.parametrize("stage,delay", _random_trials(2), ids=lambda x: f"{x:.1f}s" if isinstance(x, float) else x)
 def test_fault_random_kill(tiny_pipeline, tmp_path, stage, delay):
     _trial(tiny_pipeline[0], tmp_path, stage, delay=delay)
 
@@ -181,7 +181,7 @@ def test_fault_stop_signals(tiny_pipeline, tmp_path, sig):
     deadline = time.time() + 300
     while not (out / "ppo" / "checkpoints").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(1.0)
+    time.sleep(0.2)  # inside PPO's next iterations (about 1 s each on the tiny preset)
     os.killpg(proc.pid, sig) if sig == signal.SIGINT else proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     expected = 130 if sig == signal.SIGINT else 75

@@ -154,3 +154,19 @@ def test_ppo_batch_plan_divides_exactly():
     with pytest.raises(ConfigError, match="prompts_per_iteration"):
         plan_ppo(3, 1, 3, 1, 1, 2)
     assert PPOConfig().advantage == "gae"
+
+
+def test_non_finite_rewards_skip_the_rollout_then_stop_the_run(dist):
+    from trainer.errors import UserError
+    from trainer.stages.ppo import PPOState, _finite
+
+    good = _fake_rollout()
+    bad = Rollout(**{**good.__dict__, "scores": torch.tensor([float("nan")] + [0.0] * 7)})
+    state = PPOState(iteration=5)
+    assert _finite(good, state, max_bad=2) and state.bad_batches == 0
+    assert not _finite(bad, state, max_bad=2) and state.bad_batches == 1  # skipped with a warning
+    assert _finite(good, state, max_bad=2) and state.bad_batches == 0  # a good rollout resets the count
+    assert not _finite(bad, state, max_bad=2)
+    with pytest.raises(UserError, match=r"2 rollouts in a row had non-finite rewards or log-probs \(limit "
+                                         r"ppo.max_bad_batches=2\)"):
+        _finite(bad, state, max_bad=2)

@@ -9,6 +9,8 @@ Layout:  <root>/step-0000050/{model/ (from_pretrained loads it), engine/ (DeepSp
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -133,28 +135,46 @@ def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any
     final = root / f"step-{step:07d}"
     partial = root / f"step-{step:07d}.partial"
     is_main = torch.distributed.get_rank() == 0
-    if is_main:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    distributed.barrier()
-    engine.save_checkpoint(str(partial), tag="engine", save_latest=False)
-    for tag, extra in (extra_engines or {}).items():
-        extra.save_checkpoint(str(partial), tag=tag, save_latest=False)
-    sd = distributed.consolidated_state_dict(engine, ds_config)
-    if is_main:
-        save_hf_model(lm, tokenizer, sd, partial / "model", prefix=prefix)
-        write_manifest(partial / "model")
-        write_json_atomic(partial / STATE_FILE, state)
-        write_manifest(partial)
-        _fsync_tree(partial)
-        faults.point("checkpoint.before_rename")
-        if final.exists():  # re-saving the same step after a resume
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        faults.point("checkpoint.after_rename")
-        _prune(root, keep)
-    distributed.barrier()
-    return final
+    with _full_disk_as_oserror(root, partial):
+        if is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        distributed.barrier()
+        engine.save_checkpoint(str(partial), tag="engine", save_latest=False)
+        for tag, extra in (extra_engines or {}).items():
+            extra.save_checkpoint(str(partial), tag=tag, save_latest=False)
+        sd = distributed.consolidated_state_dict(engine, ds_config)
+        if is_main:
+            save_hf_model(lm, tokenizer, sd, partial / "model", prefix=prefix)
+            write_manifest(partial / "model")
+            write_json_atomic(partial / STATE_FILE, state)
+            write_manifest(partial)
+            _fsync_tree(partial)
+            faults.point("checkpoint.before_rename")
+            if final.exists():  # re-saving the same step after a resume
+                shutil.rmtree(final)
+            os.rename(partial, final)
+            faults.point("checkpoint.after_rename")
+            _prune(root, keep)
+        distributed.barrier()
+        return final
+
+
+@contextlib.contextmanager
+def _full_disk_as_oserror(root: Path, partial: Path):
+    """torch.save reports a full disk as a RuntimeError without errno: make it the OSError it is."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+        if not full and "failed writing" in str(e):
+            try:
+                full = shutil.disk_usage(root).free < (64 << 20)
+            except OSError:
+                pass
+        if full:
+            raise OSError(errno.ENOSPC, "No space left on device", str(partial)) from None
+        raise
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -218,8 +218,10 @@ class PPOConfig:
     """ZeRO-3 generation mode: `all` gathers the whole actor once per rollout and removes the ZeRO hooks;
     `layer` keeps ZeRO-3's per-layer gathering with prefetch (for actors larger than one device);
     `auto` picks `all` when the full model fits in the device's free memory."""
-    parity_bound: float = 0.05
-    """Alarm when max |generation log-prob - training log-prob| on the same tokens exceeds this."""
+    parity_bound: float = 0.3
+    """Alarm when max |generation log-prob - training log-prob| on the same tokens exceeds this. In fp32
+    the two agree to 1e-5; under bf16 autocast the KV-cached and full forwards differ by rounding
+    (SmolLM2-135M on CPU: max 0.13-0.18, mean 0.03 nats per token)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval_every: int = 5
     """In-loop evaluation on validation prompts every N iterations (0: only at the end)."""

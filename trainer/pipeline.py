@@ -11,6 +11,7 @@ kept in <output_dir>/pipeline_run.json so that a resumed pipeline reopens the sa
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,9 @@ def run(cfg: Config) -> dict:
     cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=ids[0]))
     status = "FAILED"
     try:
-        sft.run(cfg)
-        reward_model.run(cfg)
-        ppo.run(cfg)
+        for stage in (sft, reward_model, ppo):
+            stage.run(cfg)
+            gc.collect()  # the finished stage's engines and models
         results = report.run(cfg)
         status = "FINISHED"
         return results

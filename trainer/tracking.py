@@ -79,8 +79,8 @@ class MlflowTracker:
         self.run_id = self._run.info.run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if step is not None:
-            metrics = {k: v for k, v in metrics.items() if step > self._logged_through.get(k, -1)}
+        at = 0 if step is None else step  # MLflow stores a step-less metric at step 0
+        metrics = {k: v for k, v in metrics.items() if at > self._logged_through.get(k, -1)}
         if metrics:
             self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 

@@ -28,7 +28,7 @@ IDENTITY_FILE = "lastmile_identity.json"
 SHARED = ("seed", "precision", "model", "data", "prompt")
 SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",)}
 # What a stage is evaluated on or how often it saves: not what it learns from.
-IGNORED = {"data.eval_split", "data.max_eval_examples"} | {
+IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound"} | {
     f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("save_every", "keep_checkpoints", "log_every", "num_samples")}
 
 

@@ -32,7 +32,7 @@ from trainer.distributed import DistInfo
 from trainer.errors import UserError
 from trainer.generation import generate
 from trainer.models import load_causal_lm, load_tokenizer
-from trainer.plots import plot_metric_bars
+from trainer.plots import plot_histograms, plot_metric_bars
 from trainer.stages.common import model_identity
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,11 @@ def _write(folder: Path, systems: list[System], examples: list[Example], results
     tracker.log_metrics(flat)
     plot = plot_metric_bars(folder / "metrics.png", {n: {k: v[k] for k in ("rougeL", "la_rougeL", "semantic") if k in v}
                                                      for n, v in results["systems"].items()}, title="Evaluation")
-    for path in (folder / "results.json", folder / "samples.md", folder / "samples.jsonl", plot):
+    lengths = plot_histograms(folder / "lengths.png", {
+        **{s.name: [float(metrics.n_words(p)) for p in s.predictions] for s in systems},
+        "reference": [float(metrics.n_words(ex.references[0])) for ex in examples]},
+        title="Summary length", xlabel="words")
+    for path in (folder / "results.json", folder / "samples.md", folder / "samples.jsonl", plot, lengths):
         tracker.log_artifact(path)
     print_table(results)
 

@@ -277,7 +277,8 @@ def rollout_metrics(ctx: PPOContext, b: Rollout) -> dict[str, float]:
 def _check_parity(metrics: dict[str, float], state: PPOState, bound: float) -> None:
     if metrics["parity/max_abs"] > bound:
         msg = (f"iteration {state.iteration}: generation and training log-probs differ by up to "
-               f"{metrics['parity/max_abs']:.4f} (> ppo.parity_bound {bound}); PPO's ratio is off by that much")
+               f"{metrics['parity/max_abs']:.4f} (> ppo.parity_bound {bound}): the responses were sampled from a "
+               "distribution that far from the one PPO's ratio assumes")
         log.warning(msg)
         state.alarms.append(msg)
     metrics["parity/alarm"] = float(metrics["parity/max_abs"] > bound)
