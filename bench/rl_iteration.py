@@ -63,6 +63,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--kl-coef", type=float, default=0.05)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision for every trainer (default fp32)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing in the peers (TRL's default; ours has none, so off)")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     p.add_argument("--peers", default="grpo,ppo", help="comma-separated subset of grpo,ppo")
     p.add_argument("--skip-ours", action="store_true", help="run the peers only")
@@ -81,7 +83,8 @@ def parse_args() -> argparse.Namespace:
     if args.micro_batch >= 1 and completions % args.micro_batch:
         problems.append(f"--micro-batch ({args.micro_batch}) does not divide the {completions} completions of an "
                         "iteration. One optimizer step must consume exactly one iteration. Pick a divisor.")
-    missing = [str(PEER_VENVS[k]) for k in args.peers if k in PEER_VENVS and not (PEER_VENVS[k] / "bin/python").is_file()]
+    missing = [str(PEER_VENVS[k]) for k in args.peers
+               if k in PEER_VENVS and not (PEER_VENVS[k] / "bin" / "python").is_file()]
     if missing:
         problems.append(f"peer venv(s) {', '.join(missing)} missing. The peers need their own trl. "
                         "Run `bash bench/setup_peers.sh`.")
@@ -151,7 +154,8 @@ def run_peer(kind: str, args: argparse.Namespace, inputs: SharedInputs, workdir:
            "--prompts-per-step", str(args.prompts_per_step), "--completions-per-prompt",
            str(args.completions_per_prompt), "--max-new-tokens", str(args.max_new_tokens), "--steps", str(args.steps),
            "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--kl-coef", str(args.kl_coef),
-           "--seed", str(args.seed), "--out", str(result), *(["--bf16"] if args.bf16 else [])]
+           "--seed", str(args.seed), "--out", str(result), *(["--bf16"] if args.bf16 else []),
+           *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     with log.open("w") as f:
         code = subprocess.run(cmd, check=False, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -200,12 +204,15 @@ def print_table(rows: dict[str, dict], args: argparse.Namespace) -> None:
     precision = "bf16" if args.bf16 else "fp32"
     print(f"\nOne RL iteration, SmolLM2-135M-Instruct, {precision}, {args.threads} threads, {args.prompts_per_step} "
           f"prompts x {args.completions_per_prompt} completions, up to {args.max_new_tokens} new tokens; "
-          f"{args.rounds} alternating round(s) x {args.steps} iteration(s){' (first dropped)' if args.steps > 1 else ''}")
+          f"{args.rounds} alternating round(s) x {args.steps} iteration(s)"
+          f"{' (the first dropped)' if args.steps > 1 else ''}")
     print(f"{'trainer':<10}{'version':>9}{'s/iter':>9}{'prompts/s':>11}{'compl. tok':>12}{'peak RSS GB':>13}"
           f"{'speed-up':>10}{'memory':>8}")
     for name, row in rows.items():
         tokens = f"{row['mean_completion_tokens']:.1f}" if row["mean_completion_tokens"] is not None else "-"
-        ratios = (f"{row['speed_up']:>9.2f}x{row['memory_ratio']:>7.2f}x" if "speed_up" in row else f"{'-':>10}{'-':>8}")
+        ratios = f"{'-':>10}{'-':>8}"
+        if "speed_up" in row:
+            ratios = f"{row['speed_up']:>9.2f}x{row['memory_ratio']:>7.2f}x"
         print(f"{name:<10}{row['version']:>9}{row['seconds_per_iteration']:>9.2f}{row['prompts_per_second']:>11.3f}"
               f"{tokens:>12}{row['peak_rss_gb']:>13.2f}{ratios}")
     print("speed-up = peer s/iteration / ours (above 1: ours is faster); memory = ours peak RSS / peer's (below 1: "

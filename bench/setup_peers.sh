@@ -17,11 +17,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 if [ -z "${TRANSFORMERS_VERSION:-}" ]; then
-  TRANSFORMERS_VERSION=$(.venv/bin/python -c "import transformers; print(transformers.__version__)" 2>/dev/null || echo 5.23.0)
+  TRANSFORMERS_VERSION=$(.venv/bin/python -c "import transformers; print(transformers.__version__)" 2>/dev/null \
+                         || echo 5.23.0)
 fi
 
 versions() {  # "torch transformers trl" as installed in venv $1, or nothing
-  "$1/bin/python" -c "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" 2>/dev/null || true
+  "$1/bin/python" 2>/dev/null -c \
+    "import torch, transformers, trl; print(torch.__version__, transformers.__version__, trl.__version__)" || true
 }
 
 for trl_version in 1.16.0 1.7.1; do
@@ -36,7 +38,8 @@ for trl_version in 1.16.0 1.7.1; do
   "$venv/bin/pip" install -q "torch==$TORCH_VERSION"
   torch_installed=$("$venv/bin/python" -c "import torch; print(torch.__version__)")
   if [[ "$torch_installed" != *+cpu ]]; then
-    echo "$venv: torch $torch_installed is not the CPU build. Put torch-$TORCH_VERSION+cpu in PIP_FIND_LINKS and rerun." >&2
+    echo "$venv: torch $torch_installed is not the CPU build; a CUDA build is gigabytes." \
+         "Put the torch-$TORCH_VERSION+cpu wheel in PIP_FIND_LINKS (here /opt/wheels) and rerun." >&2
     exit 1
   fi
   constraints=$(mktemp)

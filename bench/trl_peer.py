@@ -37,6 +37,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # PPOTrainer lives in trl.experimental on purpose
 
 import torch  # after the offline switch above
 import transformers
@@ -58,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4, help="completions per forward/backward pass")
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--kl-coef", type=float, default=0.05)
-    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (default fp32)")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (default fp32; TRL's default is bf16)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in backward (TRL's default; off here because lastmile has none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="result JSON")
     args = p.parse_args()
@@ -76,7 +79,8 @@ def parse_args() -> argparse.Namespace:
 
 def load_prompts(path: str, count: int) -> list[str]:
     """The first `count` prompts of the file, cycling when it holds fewer."""
-    prompts = [json.loads(line)["prompt"] for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [json.loads(line)["prompt"] for line in lines if line.strip()]
     if not prompts:
         sys.exit(f"--prompts ({path}) holds no prompts. Write one {{\"prompt\": ...}} object per line.")
     return [prompts[i % len(prompts)] for i in range(count)]
@@ -103,12 +107,15 @@ class StepClock(TrainerCallback):
 
 
 def common_config(args: argparse.Namespace, work: Path) -> dict:
-    """TrainingArguments shared by both trainers: CPU, no eval, no saving, no tracker."""
+    """TrainingArguments shared by both trainers: CPU, no eval, no saving, no tracker.
+
+    bf16 and gradient checkpointing are set explicitly: GRPOConfig and PPOConfig default both to True,
+    and the update must match ours (fp32 unless --bf16, no activation recomputation)."""
     completions = args.prompts_per_step * args.completions_per_prompt
     return {"output_dir": str(work), "report_to": "none", "save_strategy": "no", "eval_strategy": "no",
             "logging_steps": 1, "disable_tqdm": True, "use_cpu": True, "dataloader_pin_memory": False,
-            "bf16": args.bf16, "fp16": False, "learning_rate": args.lr, "seed": args.seed,
-            "per_device_train_batch_size": args.micro_batch,
+            "bf16": args.bf16, "fp16": False, "gradient_checkpointing": args.gradient_checkpointing,
+            "learning_rate": args.lr, "seed": args.seed, "per_device_train_batch_size": args.micro_batch,
             "gradient_accumulation_steps": completions // args.micro_batch}
 
 
@@ -196,6 +203,10 @@ def peak_rss_gb() -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.bf16:
+        # What `accelerate launch --mixed_precision bf16` sets. GRPOTrainer takes bf16 from its config;
+        # PPOTrainer (1.7.1) builds its own Accelerator from this variable only, ignoring `bf16`.
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     torch.manual_seed(args.seed)
     out = Path(args.out).resolve()
     work = out.parent / f"trl-{args.trainer}-work"
@@ -211,9 +222,12 @@ def main() -> None:
         "trainer": f"trl-{args.trainer}", "trainer_class": type(trainer).__module__ + "." + type(trainer).__name__,
         "trl_version": trl.__version__, "transformers_version": transformers.__version__,
         "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "precision": "bf16" if args.bf16 else "fp32", "steps": args.steps - warm,
+        "precision": "bf16" if trainer.accelerator.mixed_precision == "bf16" else "fp32",
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "steps": args.steps - warm,
         "warmup_seconds": clock.seconds[0] if warm else None, "step_seconds": clock.seconds[warm:],
-        "prompts_per_step": args.prompts_per_step, "completions_per_step": args.prompts_per_step * args.completions_per_prompt,
+        "prompts_per_step": args.prompts_per_step,
+        "completions_per_step": args.prompts_per_step * args.completions_per_prompt,
         "max_new_tokens": args.max_new_tokens, "micro_batch": args.micro_batch, "lr": args.lr, "kl_coef": args.kl_coef,
         **peak_rss_gb(),
     }

@@ -76,6 +76,7 @@ def test_rerun_skips_finished_stages_and_refuses_changed_data(tiny_pipeline, tmp
     assert "Use a new output_dir" in changed.stderr
 
 
+@pytest.mark.slow  # the default run's fault trial (tests/test_faults.py) kills PPO mid-save and checks the same
 def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     """SIGKILL after the iteration-2 checkpoint; the rerun resumes there and ends with the same
     reward history as the uninterrupted pipeline, in one MLflow run without duplicated steps."""
@@ -123,12 +124,13 @@ def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
     env = clean_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29519", "trainer/main.py", "ppo", "--config", str(TINY),
            f"output_dir={out}", "deepspeed.config=zero3", f"ppo.init={src / 'sft' / 'model'}",
-           f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.iterations=2", "tracking.enabled=false"]
+           f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.iterations=1", "ppo.eval_every=0",
+           "tracking.enabled=false"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "generation_gather all" in proc.stderr and "world_size 2" in proc.stderr
     history = json.loads((out / "ppo" / "history.json").read_text())["history"]
-    assert len(history) == 2 and all(h["parity/max_abs"] < 1e-3 for h in history)
+    assert len(history) == 1 and all(h["parity/max_abs"] < 1e-3 for h in history)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")

@@ -64,7 +64,8 @@ def _check_tracking(cfg: Config) -> None:
 
 def lock_output_dir(cfg: Config) -> None:
     """Rank 0 holds an exclusive lock on <output_dir>/.lastmile.lock until it exits."""
-    if int(os.environ.get("RANK", "0")) != 0:
+    # before torch.distributed starts: RANK (deepspeed, torchrun) or SLURM_PROCID (srun) says which rank we are
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
         return
     path = Path(cfg.output_dir) / ".lastmile.lock"
     f = open(path, "a+")
