@@ -101,7 +101,9 @@ def _log_to_parent(cfg: Config, folder: Path) -> None:
         if (folder / name).is_file():
             client.log_artifact(cfg.tracking.parent_run_id, str(folder / name), artifact_path="report")
     results = json.loads((folder / "results.json").read_text())
+    logged = client.get_run(cfg.tracking.parent_run_id).data.metrics  # a rerun after a kill logs nothing twice
     for name, v in results["systems"].items():
         for k in ("rougeL", "la_rougeL", "semantic"):
-            if k in v:
-                client.log_metric(cfg.tracking.parent_run_id, f"report/{name.replace('+', '_')}/{k}", v[k])
+            key = f"report/{name.replace('+', '_')}/{k}"
+            if k in v and key not in logged:
+                client.log_metric(cfg.tracking.parent_run_id, key, v[k])
