@@ -1,5 +1,5 @@
 """Bad input, table-driven: each case gets one clear message naming the field, file or URI (exact
-fragment asserted), exit code 2, no traceback, and leaves nothing a later run could take as
+fragment asserted), exit code 2 (74 for the environment: no room on the disk), no traceback, and leaves nothing a later run could take as
 complete (no DONE.json). Runs the CLI in this process (`trainer.cli.main`), so the table is fast."""
 
 import fcntl
@@ -78,7 +78,7 @@ CASES = [
     ("warmup-beyond-run", "sft", lambda t: ["sft.warmup_steps=500"],
      "sft.warmup_steps (500) is not below the run's 12 optimizer steps"),
     ("ppo-minibatch", "ppo", lambda t: ["ppo.minibatch_size=3"], "ppo.minibatch_size (3) does not divide the rollout"),
-    ("ppo-splits", "ppo", lambda t: ["data.dev_split=test"], "data.dev_split (test) equals data.eval_split."),
+    ("ppo-splits", "ppo", lambda t: ["data.dev_split=test"], "data.dev_split (test) overlaps data.eval_split (test)."),
     # deepspeed JSON
     ("ds-missing", "sft", lambda t: ["deepspeed.config=nope"], "deepspeed.config (nope) does not exist."),
     ("ds-list", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '[1, 2]')}"], "must be a JSON object of DeepSpeed settings"),
@@ -91,12 +91,18 @@ CASES = [
     ("data-bad-json", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, '{broken'])}"],
      "has 1 malformed line(s):\n  line 2: not valid JSON"),
     ("data-empty-summary", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, {**GOOD_ROW, 'summary': ' '}])}",
-                                             "data.references_field=null"], "field(s) 'summary' missing or empty"),
+                                             "data.references_field=null"], "field 'summary' is empty"),
     ("data-not-utf8", "sft", lambda t: [f"data.source={_latin1(_data_folder(t, [GOOD_ROW]))}"], "line 2: not UTF-8 text"),
     ("tokenizer-missing", "sft", lambda t: [f"model.path={_sft_like(t)}", "model.random_init=false"],
      "has no usable tokenizer"),
     ("data-wrong-field", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW])}", "data.document_field=text"],
-     "field(s) 'text' missing or empty"),
+     "field 'text' is missing"),
+    ("data-wrong-type", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, {**GOOD_ROW, 'summary': ['a']}])}",
+                                          "data.references_field=null"], """row 2 (line 2): field 'summary' is a list (["a"]), not text"""),
+    ("split-part-unknown", "sft", lambda t: ["data.eval_split=test@half"], "data.eval_split (test@half) ends in an unknown part."),
+    ("dev-fraction", "sft", lambda t: ["data.dev_fraction=1.5"], "data.dev_fraction (1.5) must be in (0, 1)"),
+    ("ppo-split-parts-overlap", "ppo", lambda t: ["data.dev_split=test@dev"],
+     "data.dev_split (test@dev) overlaps data.eval_split (test)."),
     ("predictions-missing", "evaluate", lambda t: [f"eval.predictions={t / 'none.jsonl'}"], "does not exist."),
     ("predictions-null", "evaluate", lambda t: [f"eval.predictions={_preds(t, [{'id': i, 'prediction': None} for i in _ids()])}"],
      'line 1: "prediction" is null, not a string.'),
@@ -131,6 +137,12 @@ CASES = [
     ("tracking-malformed", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=bogus-uri"],
      "tracking.uri (bogus-uri) is not an MLflow tracking URI."),
     ("output-dir-is-file", "sft", lambda t: [f"output_dir={_a_file(t)}"], "is a file. Point output_dir at a folder"),
+    ("output-dir-unwritable", "sft", lambda t: ["output_dir=/proc/lastmile-out"],
+     "output_dir (/proc/lastmile-out) is not writable"),
+    ("tracking-store-unwritable", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=sqlite:////proc/lastmile/m.db"],
+     "tracking.uri (sqlite:////proc/lastmile/m.db): /proc/lastmile is not writable."),
+    ("disk-too-small", "sft", lambda t: [f"model.path={_huge_model(t)}", "model.random_init=false"],
+     "GB free; this run needs about 4096.0 GB (4x the model's 1024.00 GB of weights", 74),
     ("compare-unknown-source", "compare", lambda t: [str(t / "nowhere")], "is neither an evaluation folder"),
 ]
 
@@ -168,6 +180,16 @@ def _sft_like(t: Path) -> Path:
     return d
 
 
+def _huge_model(t: Path) -> Path:
+    """A model folder whose (sparse) weights file claims 1 TiB: no disk holds 4x that for a checkpoint."""
+    d = t / "huge"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with open(d / "model.safetensors", "wb") as f:
+        f.truncate(2**40)
+    return d
+
+
 def _a_file(t: Path) -> Path:
     p = t / "a_file"
     p.write_text("x")
@@ -176,7 +198,7 @@ def _a_file(t: Path) -> Path:
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
-    name, command, overrides, expected = case
+    name, command, overrides, expected, *exit_code = case
     case_dir = tmp_path / "case"
     case_dir.mkdir()
     out = tmp_path / "out"
@@ -186,7 +208,7 @@ def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
     argv = [command, "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false", *args]
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
+    assert code == (exit_code[0] if exit_code else 2), err[-2000:]
     assert expected in err, err[-2000:]
     assert "Traceback" not in err
     assert not list(Path(tmp_path).rglob("DONE.json"))  # nothing that looks complete

@@ -45,12 +45,14 @@ def test_malformed_jsonl_reports_line_numbers(tmp_path):
 def test_empty_and_missing_fields_reported_by_row(tmp_path):
     _write_jsonl(tmp_path / "train.jsonl", [
         {"document": "ok", "summary": "ok"}, {"document": "", "summary": "s"}, {"document": "d"},
+        {"document": 42, "summary": "s"},
     ])
     with pytest.raises(DataError) as e:
         load_split(DataConfig(source=str(tmp_path)), "train")
     msg = str(e.value)
-    assert "2 of 3 rows" in msg and "row 2 (line 2): field(s) 'document'" in msg
-    assert "row 3 (line 3): field(s) 'summary'" in msg and "data.document_field" in msg
+    assert "3 of 4 rows" in msg and "row 2 (line 2): field 'document' is empty" in msg
+    assert "row 3 (line 3): field 'summary' is missing" in msg and "data.document_field" in msg
+    assert "row 4 (line 4): field 'document' is a int (42), not text" in msg  # a wrong type is not "missing"
 
 
 def test_missing_split_names_the_files_there(tmp_path):
@@ -129,3 +131,22 @@ def test_missing_model_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="folder without config.json"):
         resolve_model_path(str(tmp_path / "empty"))
+
+
+def test_split_parts_follow_a_fixed_rule_on_ids(tmp_path):
+    import hashlib
+
+    from trainer.config import splits_overlap
+
+    rows = [{"id": f"p{i}", "document": f"Doc {i}.", "summary": f"Sum {i}."} for i in range(40)]
+    _write_jsonl(tmp_path / "validation.jsonl", rows)
+    cfg = DataConfig(source=str(tmp_path), dev_fraction=0.5)
+    dev, report = load_split(cfg, "validation@dev"), load_split(cfg, "validation@report")
+    ids = {r["id"] for r in rows}
+    assert {e.id for e in dev} | {e.id for e in report} == ids and not {e.id for e in dev} & {e.id for e in report}
+    expected = {i for i in ids if int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") < 2**63}
+    assert {e.id for e in dev} == expected
+    _write_jsonl(tmp_path / "validation.jsonl", list(reversed(rows)))  # the rule ignores file order
+    assert {e.id for e in load_split(cfg, "validation@dev")} == expected
+    assert splits_overlap("validation", "validation@report") and splits_overlap("validation@dev", "validation@dev")
+    assert not splits_overlap("validation@dev", "validation@report") and not splits_overlap("validation", "test")

@@ -271,3 +271,71 @@ def test_value_loss_hand_values():
     assert stats == pytest.approx({"clipped": 1.0, "squared_error": 1.5, "tokens": 3.0})
 
 
+
+
+def test_masked_whiten_over_ranks_equals_whitening_the_global_batch():
+    """Two ranks' halves, each all-reducing its three sums (count, sum, centred square sum: the order
+    masked_whiten asks for them) with the other rank's, whiten exactly like one rank holding both."""
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, 100.0, -100.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    whole = masked_whiten(values, mask)
+    mean = float(values[mask].mean())  # 3.0
+    for r in (0, 1):
+        v, m = values[1 - r : 2 - r], mask[1 - r : 2 - r]  # the other rank's row
+        other = iter([float(m.sum()), float(v[m].sum()), float(((v[m] - mean) ** 2).sum())])
+        mine = masked_whiten(values[r : r + 1], mask[r : r + 1], reduce_sum=lambda x: x + next(other))
+        assert close(mine, whole[r : r + 1])
+
+
+# ------------------------------------------------------------------------------------ hybrid reward
+
+
+def test_hybrid_reward_terms_hand_values():
+    from trainer.algorithms.rewards import hybrid_reward
+
+    total, parts = hybrid_reward(torch.tensor([11.0, 5.0]), torch.tensor([0.5, 0.1]), torch.tensor([1.5, 0.8]),
+                                 torch.tensor([True, False]), rm_mean=9.0, rm_std=2.0, rm_weight=1.0, metric_weight=2.0,
+                                 length_target_ratio=1.0, length_penalty=0.5, no_eos_penalty=1.0, clip=10.0)
+    # row 0: (11-9)/2 = 1, + 2*0.5 = 1, - 0.5*|1.5-1| = -0.25, EOS: 0  -> 1.75
+    # row 1: (5-9)/2 = -2, + 2*0.1 = 0.2, - 0.5*|0.8-1| = -0.1, no EOS: -1 -> -2.9
+    assert close(total, [1.75, -2.9])
+    assert close(parts["rm_term"], [1.0, -2.0]) and close(parts["no_eos_term"], [0.0, -1.0])
+    clipped, _ = hybrid_reward(torch.tensor([100.0]), torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([True]),
+                               rm_mean=0.0, rm_std=1.0, rm_weight=1.0, metric_weight=0.0, length_target_ratio=1.0,
+                               length_penalty=0.0, no_eos_penalty=0.0, clip=5.0)
+    assert close(clipped, [5.0])
+
+
+# ------------------------------------------------------------------------------ guards and alarms
+
+
+def test_parity_alarm_fires_above_the_bound_only():
+    from trainer.stages.ppo import PPOState, _check_parity
+
+    state = PPOState(iteration=3)
+    quiet = {"parity/max_abs": 0.01}
+    _check_parity(quiet, state, bound=0.05)
+    assert quiet["parity/alarm"] == 0.0 and state.alarms == []
+    loud = {"parity/max_abs": 0.2}
+    _check_parity(loud, state, bound=0.05)
+    assert loud["parity/alarm"] == 1.0 and "differ by up to 0.2000 (> ppo.parity_bound 0.05)" in state.alarms[0]
+
+
+def test_in_loop_alarms_for_kl_length_and_reward_rising_while_the_metric_falls():
+    from trainer.config import PPOConfig
+    from trainer.stages.ppo_eval import find_alarms
+
+    o = PPOConfig(kl_alarm=5.0, length_alarm_low=0.5, length_alarm_high=2.0, best_metric="la_rougeL")
+
+    def result(it, kl=1.0, ratio=1.0, reward=0.0, metric=0.3):
+        return {"iteration": it, "eval/policy/kl": kl, "eval/policy/length_ratio": ratio,
+                "eval/policy/reward": reward, "eval/policy/la_rougeL": metric}
+
+    assert find_alarms(result(5), None, o) == []
+    assert find_alarms(result(5, reward=1.0, metric=0.31), result(0), o) == []  # both up: fine
+    found = find_alarms(result(10, kl=6.0, ratio=2.5, reward=1.0, metric=0.25), result(5), o)
+    assert len(found) == 3
+    assert "KL to the reference 6.00 nats > ppo.kl_alarm 5.0" in found[0]
+    assert "2.50x the reference length, outside [0.5, 2.0]" in found[1]
+    assert "reward-model score rose (0.000 -> 1.000) while la_rougeL fell (0.3000 -> 0.2500)" in found[2]
+    assert "0.10x" in find_alarms(result(10, ratio=0.1), None, o)[0]  # collapse to nothing

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.errors import UserError
 
     sources = [x for x in args.overrides if "=" not in x] if args.command == "compare" else []
+    cfg = None
     try:
         cfg = load_config(args.config, [x for x in args.overrides if x not in sources])
         if args.command == "validate":
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from trainer import preflight
 
-        preflight.check(cfg)
+        preflight.check(cfg, args.command)
         preflight.lock_output_dir(cfg)
         if args.command == "sft":
             from trainer.stages import sft
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the environment, not the code: disk full, permissions, a vanished path
         import errno
 
+        if cfg is not None and _is_tracking_failure(e):  # requests' ConnectionError is an OSError
+            return _tracking_failed(args.command, cfg, e)
+
         where = e.filename or "the output dir"
         why = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
                errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}.get(e.errno, e.strerror or str(e))
@@ -107,6 +111,30 @@ def main(argv: list[str] | None = None) -> int:
               "the last complete one is intact. Free space or fix the permissions (or move output_dir), then rerun the "
               "same command to resume.", file=sys.stderr, flush=True)
         return 74  # EX_IOERR
+    except Exception as e:
+        if cfg is None or not _is_tracking_failure(e):
+            raise
+        return _tracking_failed(args.command, cfg, e)
+
+
+def _tracking_failed(command: str, cfg, e: BaseException) -> int:
+    from trainer.tracking import tracking_uri
+
+    print(f"lastmile {command}: error: the MLflow tracking store ({tracking_uri(cfg)}) failed during the run: "
+          f"{_first_line(e)}. Training state is checkpointed atomically, so nothing complete was lost. Bring the "
+          "store back (or point tracking.uri elsewhere), then rerun the same command to resume in the same run.",
+          file=sys.stderr, flush=True)
+    return 69  # EX_UNAVAILABLE
+
+
+def _is_tracking_failure(e: BaseException) -> bool:
+    """MLflow's own errors, or the HTTP client's under it (a server that went away mid-run)."""
+    return type(e).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
 
 
 if __name__ == "__main__":

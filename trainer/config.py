@@ -22,6 +22,19 @@ import yaml
 from trainer.errors import ConfigError
 
 OFFLINE_DEFAULT_MODEL = "smollm2-135m-instruct"
+SPLIT_PARTS = ("dev", "report")
+
+
+def split_part(split: str) -> tuple[str, str | None]:
+    """'validation@dev' -> ('validation', 'dev'); 'validation' -> ('validation', None)."""
+    base, sep, part = split.rpartition("@")
+    return (base, part) if sep and part in SPLIT_PARTS else (split, None)
+
+
+def splits_overlap(a: str, b: str) -> bool:
+    """Whether two split names can share examples: the same split, unless they are its two parts."""
+    (base_a, part_a), (base_b, part_b) = split_part(a), split_part(b)
+    return base_a == base_b and not (part_a and part_b and part_a != part_b)
 
 
 @dataclass
@@ -56,7 +69,13 @@ class DataConfig:
     JSONL/CSV/Parquet file. Never the data a run was tuned on."""
     dev_split: str = "validation"
     """The split for choices made during training: SFT validation loss, reward-model evaluation and
-    statistics, PPO's in-loop evaluation and best checkpoint. PPO refuses to choose on `eval_split`."""
+    statistics, PPO's in-loop evaluation and best checkpoint. PPO refuses to choose on `eval_split`.
+    Any split name may end in `@dev` or `@report` to take one part of that split (see dev_fraction),
+    e.g. dev_split=validation@dev, eval_split=validation@report."""
+    dev_fraction: float = 0.5
+    """The fixed rule behind `<split>@dev` / `<split>@report`: an example belongs to the dev part when
+    sha256(its id) read as a fraction of 2**64 (first 8 bytes, big-endian) is below this, else to the
+    report part. It depends on the id alone: not on file order, seed or limits."""
     id_field: str = "id"
     document_field: str = "document"
     summary_field: str = "summary"
@@ -454,6 +473,14 @@ def validate(cfg: Config) -> list[str]:
     positive("prompt.max_summary_tokens", cfg.prompt.max_summary_tokens)
     positive("data.max_train_examples", cfg.data.max_train_examples)
     positive("data.max_eval_examples", cfg.data.max_eval_examples)
+    if not 0 < cfg.data.dev_fraction < 1:
+        p.append(f"data.dev_fraction ({cfg.data.dev_fraction}) must be in (0, 1): it is the share of a split's "
+                 "examples that `<split>@dev` takes.")
+    for name in ("train_split", "eval_split", "dev_split"):
+        value = getattr(cfg.data, name)
+        if "@" in value and value.rsplit("@", 1)[1] not in SPLIT_PARTS:
+            p.append(f"data.{name} ({value}) ends in an unknown part. Use <split>@dev or <split>@report, or a plain "
+                     "split name.")
     positive("eval.max_examples", cfg.eval.max_examples)
     positive("eval.bootstrap_samples", cfg.eval.bootstrap_samples)
     g = cfg.eval.generation

@@ -21,8 +21,19 @@ _held: list = []  # the open lock file, kept for the life of the process
 KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
-def check(cfg: Config) -> None:
-    """Output dir writable; tracking store reachable. Raises UserError naming the path or URI."""
+# What a stage writes, in units of its model's weights: a training checkpoint (weights + AdamW's two
+# moments, fp32) plus the published model; PPO trains an actor and a critic; the pipeline holds every
+# stage's published model besides the running stage's checkpoint.
+DISK_FACTOR = {"sft": 4, "reward-model": 4, "ppo": 8, "pipeline": 10}
+
+
+class NoSpace(UserError):
+    exit_code = 74  # EX_IOERR, as for a disk that fills during the run
+
+
+def check(cfg: Config, command: str | None = None) -> None:
+    """Output dir writable, with room for the stage's next checkpoint; tracking store reachable.
+    Raises UserError naming the path or URI."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir ({out}) is a file. Point output_dir at a folder (it is created if missing).")
@@ -34,8 +45,37 @@ def check(cfg: Config) -> None:
     except OSError as e:
         raise UserError(f"output_dir ({out}) is not writable: {e.strerror}. Choose a folder you can write to, or fix "
                         "its permissions.") from None
+    _check_free_disk(cfg, out, DISK_FACTOR.get(command or "", 0))
     if cfg.tracking.enabled:
         _check_tracking(cfg)
+
+
+def weight_bytes(cfg: Config) -> int:
+    """The size of the model's weight files when they are on this machine (0 when unknown: a hub id
+    not yet downloaded, a random-init model)."""
+    from trainer.config import OFFLINE_DEFAULT_MODEL
+
+    if cfg.model.random_init:
+        return 0
+    folder = Path(cfg.model.path)
+    if cfg.model.path == OFFLINE_DEFAULT_MODEL:
+        from trainer.models import cache_dir
+
+        folder = cache_dir() / "models" / OFFLINE_DEFAULT_MODEL
+    if not folder.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+def _check_free_disk(cfg: Config, out: Path, factor: int) -> None:
+    import shutil
+
+    need = factor * weight_bytes(cfg)
+    free = shutil.disk_usage(out).free
+    if need and free < need:
+        raise NoSpace(f"output_dir ({out}) has {free / 2**30:.1f} GB free; this run needs about {need / 2**30:.1f} GB "
+                      f"({factor}x the model's {weight_bytes(cfg) / 2**30:.2f} GB of weights: a checkpoint with its "
+                      "optimizer state, and the published model). Free space or move output_dir to a larger disk.")
 
 
 def _check_tracking(cfg: Config) -> None:
@@ -58,8 +98,14 @@ def _check_tracking(cfg: Config) -> None:
                         "unset tracking.uri to log to <output_dir>/mlflow.db (tracking.enabled=false: no tracking).")
     if scheme == "sqlite":
         db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-        if db is not None and not os.access(db.parent if db.parent.exists() else Path(cfg.output_dir), os.W_OK):
-            raise UserError(f"tracking.uri ({uri}): {db.parent} is not writable. Point it at a writable folder.")
+        if db is not None:
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+                writable = os.access(db.parent, os.W_OK)
+            except OSError:
+                writable = False
+            if not writable:
+                raise UserError(f"tracking.uri ({uri}): {db.parent} is not writable. Point it at a writable folder.")
 
 
 def lock_output_dir(cfg: Config) -> None:

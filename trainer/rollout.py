@@ -119,14 +119,15 @@ def _micro_batches(n: int, micro: int) -> list[range]:
 
 
 @torch.no_grad()
-def response_logprobs(model, rollout: Rollout, models: RolloutModels) -> torch.Tensor:
-    """Log-probs (B, R) of the response tokens under `model` (a TokenLogprobModel or its engine)."""
+def response_logprobs(model, rollout: Rollout, models: RolloutModels, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R) of the response tokens under softmax(logits / temperature) of `model` (a
+    TokenLogprobModel or its engine): the distribution the responses were sampled from."""
     P = rollout.prompt_ids.shape[1]
     out = []
     for r in _micro_batches(len(rollout), models.micro_batch):
         ids, mask, target = rollout.rows(list(r)).sequences(models.device)
         with distributed.autocast(models.precision, models.device):
-            logp, _ = model(ids, mask, target)  # (b, T-1), aligned with ids[:, 1:]
+            logp, _ = model(ids, mask, target, temperature=temperature)  # (b, T-1), aligned with ids[:, 1:]
         out.append(logp[:, P - 1 :].float().cpu())
     return torch.cat(out)
 
@@ -179,10 +180,12 @@ def score(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg:
                                                                      "length_ratio": ratio})
 
 
-def complete(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg: RewardConfig) -> Rollout:
-    """Scores, then the log-probs of the actor in training mode and of the reference, and values."""
+def complete(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg: RewardConfig, *,
+             temperature: float) -> Rollout:
+    """Scores, then the log-probs of the actor in training mode and of the reference at the sampling
+    temperature (the policy PPO optimizes is the one that sampled), and values."""
     rollout = score(rollout, models, examples, cfg)
-    old = response_logprobs(models.actor_engine, rollout, models)
-    ref = response_logprobs(models.ref, rollout, models)
+    old = response_logprobs(models.actor_engine, rollout, models, temperature=temperature)
+    ref = response_logprobs(models.ref, rollout, models, temperature=temperature)
     values = response_values(models.critic, rollout, models) if models.critic is not None else None
     return dataclasses.replace(rollout, old_logprobs=old, ref_logprobs=ref, values=values)

@@ -71,7 +71,9 @@ class MlflowTracker:
         if resume_run_id:
             self._run = mlflow.start_run(run_id=resume_run_id)
             mlflow.set_tag("lastmile.resumed", "true")
-            self._logged_through = _last_logged_steps(mlflow.MlflowClient(), resume_run_id)
+            client = mlflow.MlflowClient()
+            self._logged_through = _last_logged_steps(client, resume_run_id)
+            _log_params_on_resume(client, resume_run_id, params)
         else:
             self._run = mlflow.start_run(run_name=run_name, tags=tags)
             for chunk in _chunks(params, 100):
@@ -126,6 +128,35 @@ def _last_logged_steps(client, run_id: str) -> dict[str, int]:
     """metric -> the highest step it already has in the run."""
     keys = client.get_run(run_id).data.metrics.keys()
     return {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1) for k in keys}
+
+
+def _log_params_on_resume(client, run_id: str, params: dict[str, Any]) -> None:
+    """A resumed run records what its config now says. MLflow params cannot change value, so a changed
+    setting is logged as `resume<k>/<key>` (k counts the resumes that changed something) and listed in
+    the tag `lastmile.resume<k>.changed`; settings the run never had are logged as they are."""
+    import re
+
+    old = client.get_run(run_id).data.params
+    new = dict(item for chunk in _chunks(params, max(len(params), 1)) for item in chunk.items())
+    resumes = sorted({int(m.group(1)) for key in old if (m := re.match(r"resume(\d+)/", key))})
+    latest = dict(old)  # each setting's value as last recorded: the newest resume<j>/ record wins
+    for j in resumes:
+        latest |= {key[len(f"resume{j}/"):]: v for key, v in old.items() if key.startswith(f"resume{j}/")}
+    added = {key: v for key, v in new.items() if key not in old}
+    changed = {key: v for key, v in new.items() if key in old and latest[key] != v}
+    k = (resumes[-1] if resumes else 0) + 1
+    items = list((added | {f"resume{k}/{key}": v for key, v in changed.items()}).items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=[_param(key, v) for key, v in items[i : i + 100]])
+    if changed:
+        client.set_tag(run_id, f"lastmile.resume{k}.changed", ", ".join(sorted(changed))[:5000])
+        log.info("resumed with changed settings, logged as resume%d/<key>: %s", k, ", ".join(sorted(changed)))
+
+
+def _param(key: str, value: str):
+    from mlflow.entities import Param
+
+    return Param(key, value)
 
 
 def _chunks(d: dict[str, Any], n: int):

@@ -7,29 +7,35 @@ tensors without gradient, computed in float32 (or wider) whatever the input dtyp
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 
 GROUP_ESTIMATORS = ("rloo", "grpo")
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce_sum: Callable[[float], float] | None = None) -> torch.Tensor:
     """Normalise to mean 0 and variance 1 over the real tokens.
 
     values (B, R) float, mask (B, R) bool (True = real token) -> (B, R), 0 where mask is False.
     Mean and population variance are taken over the True entries only, so padding does not move
     them. With shift_mean=False the mean is added back (only the scale changes), as TRL's
     `masked_whiten` and the `whiten` of OpenAI's lm-human-preferences do for advantages.
+    `reduce_sum` sums a float over data-parallel ranks (e.g. an all-reduce): the statistics are then
+    those of the global batch, so 1 rank and N ranks whiten alike.
     """
-    values = torch.where(mask, values.detach(), torch.zeros_like(values))
-    count = mask.sum().clamp(min=1)
-    mean = values.sum() / count
+    reduce_sum = reduce_sum or (lambda x: x)
+    values = torch.where(mask, values.detach().double(), torch.zeros((), dtype=torch.float64))
+    count = max(reduce_sum(float(mask.sum())), 1.0)
+    mean = reduce_sum(float(values.sum())) / count
     centred = torch.where(mask, values - mean, torch.zeros_like(values))
-    var = centred.square().sum() / count
-    whitened = centred * torch.rsqrt(var + eps)
+    var = reduce_sum(float(centred.square().sum())) / count
+    whitened = centred / math.sqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
-    return torch.where(mask, whitened, torch.zeros_like(whitened))
+    return torch.where(mask, whitened, torch.zeros_like(whitened)).float()
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ file's line number for JSONL), all of them at once, as a `DataError`.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from trainer.config import DataConfig, resolve_local_path
+from trainer.config import DataConfig, resolve_local_path, split_part
 from trainer.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -29,6 +30,9 @@ class Example:
 
 
 def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Example]:
+    """The examples of `split` (a name, a file, or `<split>@dev` / `<split>@report`: one part of it by
+    `data.dev_fraction`), the first `limit` of them when given."""
+    split, part = split_part(split)
     if cfg.source == "aclsum":
         rows, where = _aclsum_rows(split, cfg.aclsum_aspect), "aclsum"
         field_cfg = DataConfig(id_field="id", document_field="document", summary_field="summary", references_field=None)
@@ -40,7 +44,18 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Ex
         rows, where = _local_rows(path), str(path)
         field_cfg = cfg
     examples = to_examples(rows, field_cfg, where)
+    if part is not None:
+        examples = [e for e in examples if (in_dev_part(e.id, cfg.dev_fraction)) == (part == "dev")]
+        if not examples:
+            raise DataError(f"{where}@{part} holds no examples with data.dev_fraction={cfg.dev_fraction}. Move "
+                            "data.dev_fraction away from 0 or 1.")
     return examples[:limit] if limit else examples
+
+
+def in_dev_part(example_id: str, dev_fraction: float) -> bool:
+    """The fixed rule of `<split>@dev`: sha256(id), first 8 bytes big-endian, as a fraction of 2**64."""
+    h = int.from_bytes(hashlib.sha256(example_id.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < dev_fraction
 
 
 def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> list[Example]:
@@ -50,15 +65,15 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> 
         seen_rows += 1
         label = f"{where} row {i + 1}" + (f" (line {row['__line__']})" if "__line__" in row else "")
         doc, summ = row.get(cfg.document_field), row.get(cfg.summary_field)
-        bad = [name for name, v in ((cfg.document_field, doc), (cfg.summary_field, summ)) if not _nonempty_text(v)]
+        bad = [f for f in (_text_problem(row, cfg.document_field), _text_problem(row, cfg.summary_field)) if f]
         refs: list[str] = []
         if cfg.references_field and row.get(cfg.references_field) is not None:
             raw = row[cfg.references_field]
             refs = [raw] if isinstance(raw, str) else list(raw) if isinstance(raw, (list, tuple)) else []
             if not refs or not all(_nonempty_text(r) for r in refs):
-                bad.append(cfg.references_field)
+                bad.append(f"{cfg.references_field!r} is not a list of non-empty texts")
         if bad:
-            problems.append(f"{label}: field(s) {', '.join(repr(b) for b in bad)} missing or empty")
+            problems.append(f"{label}: " + "; ".join(bad))
             continue
         refs = [r.strip() for r in refs] or [summ.strip()]
         ex_id = str(row.get(cfg.id_field, i)) if row.get(cfg.id_field) is not None else str(i)
@@ -74,6 +89,16 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> 
     if not examples:
         raise DataError(f"{where} holds no examples. Check data.source and the split name.")
     return examples
+
+
+def _text_problem(row: dict[str, Any], name: str) -> str | None:
+    """What is wrong with a text field of a row, or None."""
+    if row.get(name) is None:
+        return f"field {name!r} is missing"
+    v = row[name]
+    if not isinstance(v, str):
+        return f"field {name!r} is a {type(v).__name__} ({json.dumps(v, default=str)[:40]}), not text"
+    return None if v.strip() else f"field {name!r} is empty"
 
 
 def _nonempty_text(v: Any) -> bool:

@@ -55,7 +55,7 @@ def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None]
     done_file = stage_dir / checkpoint.DONE_FILE
     for path in (done_file, stage_dir / "identity.json"):
         old = _read_identity(path)
-        if old is not None and old.get("hash") != ident["hash"]:
+        if old is not None and not same_identity(old, ident):
             raise ConfigError(
                 f"{stage_dir} holds a {label} run made with other settings or inputs: {describe_change(old, ident)}. "
                 f"Its results do not belong to this configuration. Use a new output_dir, or delete {stage_dir} to "
@@ -78,6 +78,22 @@ def stage_identity(cfg: Config, stage: str, inputs: dict[str, str | None]) -> di
     body = json.dumps({"stage": stage, "settings": settings, "inputs": inputs_id}, sort_keys=True, default=str)
     return {"stage": stage, "hash": hashlib.sha256(body.encode()).hexdigest()[:16], "settings": settings,
             "inputs": inputs_id}
+
+
+def same_identity(old: dict, new: dict) -> bool:
+    """Equal hashes, or the only differences are settings a later lastmile version added, at their
+    defaults (an older record lacks them; the stage was made with what the default now does)."""
+    if old.get("hash") == new.get("hash"):
+        return True
+    a, b = old.get("settings"), new.get("settings", {})
+    if a is None or old.get("inputs", {}) != new.get("inputs", {}):
+        return False
+    defaults = flatten(to_dict(Config()))
+    changed = {k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+    return all(k not in a and k in defaults and b.get(k) == defaults[k] for k in changed)
+
+
+_ABSENT = object()
 
 
 def model_identity(path: str) -> str:

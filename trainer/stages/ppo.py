@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import checkpoint, distributed, preemption, rollout, tracking
-from trainer.algorithms.advantages import compute_gae, group_advantages
+from trainer.algorithms.advantages import compute_gae, group_advantages, masked_whiten
 from trainer.algorithms.kl import KLController, kl_per_token, shape_rewards
 from trainer.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
 from trainer.config import Config, PPOPlan
@@ -142,7 +142,7 @@ def collect_rollout(ctx: PPOContext, iteration: int) -> Rollout:
     torch.manual_seed(ctx.cfg.seed * 100_003 + iteration * 1_009 + ctx.dist.rank)  # exact resume, distinct ranks
     sampling = Sampling(o.max_new_tokens, do_sample=True, temperature=o.temperature, top_p=o.top_p)
     batch = rollout.sample(ctx.models, [s.prompts[i] for i in mine], mine, sampling, batch_size=ctx.plan.rollout_per_rank)
-    return rollout.complete(batch, ctx.models, s.examples, o.reward)
+    return rollout.complete(batch, ctx.models, s.examples, o.reward, temperature=o.temperature)
 
 
 def _finite(batch: Rollout, state: PPOState, max_bad: int) -> bool:
@@ -176,20 +176,11 @@ def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch
         seq = group_advantages(b.scores - ctx.kl.value * kl_seq, o.samples_per_prompt, estimator=o.advantage)
         advantages, returns = seq[:, None] * mask, None
     if o.whiten_advantages:
-        advantages = global_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, reduce_sum=distributed.all_reduce_sum)  # global batch stats
     n = distributed.all_reduce_sum(len(b))
     return advantages, returns, {"kl/seq_mean": distributed.all_reduce_sum(float(kl_seq.sum())) / n,
                                  "kl/token_mean": distributed.all_reduce_sum(float(kl.sum())) /
                                  distributed.all_reduce_sum(float(mask.sum()))}
-
-
-def global_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x (B, R) -> zero mean, unit variance over the real tokens of every rank's rollout (the same
-    result on 1 or N ranks); zero outside the mask."""
-    count = distributed.all_reduce_sum(float(mask.sum()))
-    mean = distributed.all_reduce_sum(float(masked_sum(x, mask))) / count
-    var = distributed.all_reduce_sum(float(masked_sum((x - mean) ** 2, mask))) / count
-    return torch.where(mask, (x - mean) / (var**0.5 + 1e-8), torch.zeros_like(x))
 
 
 def update(ctx: PPOContext, b: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None,
@@ -227,7 +218,7 @@ def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor, global_to
     P = mb.prompt_ids.shape[1]
     ids, attn, target = mb.sequences(m.device)
     with distributed.autocast(m.precision, m.device):
-        logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True)
+        logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True, temperature=o.temperature)
     logp, entropy = logp[:, P - 1 :], entropy[:, P - 1 :]
     mask = mb.response_mask.to(logp.device)
     loss_sum, st = policy_loss(logp, mb.old_logprobs.to(logp.device), advantages.to(logp.device), mask,
@@ -293,10 +284,10 @@ def evaluate(ctx: PPOContext, state: PPOState) -> None:
     state.alarms.extend(alarms)
     if ctx.dist.is_main:
         ctx.tracker.log_metrics({k: v for k, v in result.items() if k.startswith("eval/")} |
-                                {"eval/alarm": float(bool(alarms))}, step=state.iteration)
+                                {"eval/policy/alarm": float(bool(alarms))}, step=state.iteration)
         for a in alarms:
             log.warning("alarm: %s", a)
-    key = f"eval/{ctx.cfg.ppo.best_metric}"
+    key = f"eval/policy/{ctx.cfg.ppo.best_metric}"
     if key in result and (state.best is None or result[key] > state.best["value"]):
         state.best = {"iteration": state.iteration, "metric": ctx.cfg.ppo.best_metric, "value": result[key]}
         ctx.setup.save_best(ctx.stage_dir / "best", state.best)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from trainer import distributed, metrics, rollout
-from trainer.config import Config
+from trainer.config import Config, PPOConfig
 from trainer.distributed import DistInfo
 from trainer.hybrid_engine import Sampling
 
@@ -43,31 +43,34 @@ class Evaluator:
         scores = metrics.rouge_per_example(texts, refs)
         ref_words = [np.mean([metrics.n_words(r) for r in rs]) for rs in refs]
         out = {"iteration": iteration,
-               "eval/rougeL": float(np.mean(scores["rougeL"])), "eval/la_rougeL": float(np.mean(scores["la_rougeL"])),
-               "eval/reward": float(np.mean([r for _, _, r, _ in rows])),
-               "eval/kl": float(np.mean([x for _, _, _, x in rows])),
-               "eval/length_ratio": float(np.mean([metrics.n_words(t) / max(w, 1) for t, w in zip(texts, ref_words)])),
-               "eval/eos_fraction": float(distributed.all_reduce_sum(float(greedy.ended[:k].sum())) / len(rows))}
+               "eval/policy/rougeL": float(np.mean(scores["rougeL"])), "eval/policy/la_rougeL": float(np.mean(scores["la_rougeL"])),
+               "eval/policy/reward": float(np.mean([r for _, _, r, _ in rows])),
+               "eval/policy/kl": float(np.mean([x for _, _, _, x in rows])),
+               "eval/policy/length_ratio": float(np.mean([metrics.n_words(t) / max(w, 1) for t, w in zip(texts, ref_words)])),
+               "eval/policy/eos_fraction": float(distributed.all_reduce_sum(float(greedy.ended[:k].sum())) / len(rows))}
         if self.semantic is not None:
-            out["eval/semantic"] = float(np.mean(self.semantic.score(texts, refs)))
+            out["eval/policy/semantic"] = float(np.mean(self.semantic.score(texts, refs)))
         out["samples"] = [{"id": s.dev_examples[i].id, "text": t} for i, t, _, _ in rows[:3]]
         return out
 
     def alarms(self, result: dict, previous: dict | None) -> list[str]:
-        """Signs of reward hacking or collapse, as messages (empty when all is well)."""
-        o, it = self.cfg.ppo, result["iteration"]
-        found = []
-        if result["eval/kl"] > o.kl_alarm:
-            found.append(f"iteration {it}: KL to the reference {result['eval/kl']:.2f} nats > ppo.kl_alarm {o.kl_alarm}")
-        ratio = result["eval/length_ratio"]
-        if not o.length_alarm_low <= ratio <= o.length_alarm_high:
-            found.append(f"iteration {it}: summaries are {ratio:.2f}x the reference length, outside "
-                         f"[{o.length_alarm_low}, {o.length_alarm_high}]")
-        if previous is not None:
-            up = result["eval/reward"] > previous["eval/reward"]
-            metric = f"eval/{o.best_metric}" if o.best_metric != "reward" else "eval/la_rougeL"
-            if up and metric in result and result[metric] < previous[metric]:
-                found.append(f"iteration {it}: reward-model score rose ({previous['eval/reward']:.3f} -> "
-                             f"{result['eval/reward']:.3f}) while {metric[5:]} fell ({previous[metric]:.4f} -> "
-                             f"{result[metric]:.4f}): possible reward hacking")
-        return found
+        return find_alarms(result, previous, self.cfg.ppo)
+
+
+def find_alarms(result: dict, previous: dict | None, o: PPOConfig) -> list[str]:
+    """Signs of reward hacking or collapse in an in-loop evaluation, as messages (empty when all is well)."""
+    it, kl, ratio = result["iteration"], result["eval/policy/kl"], result["eval/policy/length_ratio"]
+    found = []
+    if kl > o.kl_alarm:
+        found.append(f"iteration {it}: KL to the reference {kl:.2f} nats > ppo.kl_alarm {o.kl_alarm}")
+    if not o.length_alarm_low <= ratio <= o.length_alarm_high:
+        found.append(f"iteration {it}: summaries are {ratio:.2f}x the reference length, outside "
+                     f"[{o.length_alarm_low}, {o.length_alarm_high}]")
+    if previous is not None:
+        reward, before = result["eval/policy/reward"], previous["eval/policy/reward"]
+        name = o.best_metric if o.best_metric != "reward" else "la_rougeL"
+        metric = f"eval/policy/{name}"
+        if reward > before and metric in result and result[metric] < previous[metric]:
+            found.append(f"iteration {it}: reward-model score rose ({before:.3f} -> {reward:.3f}) while {name} fell "
+                         f"({previous[metric]:.4f} -> {result[metric]:.4f}): possible reward hacking")
+    return found

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kernels.logprob import resolve_impl
 from trainer import checkpoint, distributed
-from trainer.config import Config, PPOPlan, plan_ppo
+from trainer.config import Config, PPOPlan, plan_ppo, splits_overlap
 from trainer.data.prompts import PromptBuilder, TokenizedExample
 from trainer.data.records import Example, load_split
 from trainer.distributed import DistInfo
@@ -83,10 +83,11 @@ def input_paths(cfg: Config) -> tuple[str, str]:
 def check(cfg: Config, world_size: int) -> PPOPlan:
     """The settings PPO needs beyond field validation: the batch plan for this many ranks, the splits."""
     o = cfg.ppo
-    if cfg.data.dev_split == cfg.data.eval_split:
-        raise ConfigError(f"data.dev_split ({cfg.data.dev_split}) equals data.eval_split. PPO picks its best checkpoint "
-                          "on the dev split, so reporting on the same data would report a tuned number. Set "
-                          "data.eval_split (or data.dev_split) to another split.")
+    if splits_overlap(cfg.data.dev_split, cfg.data.eval_split):
+        raise ConfigError(f"data.dev_split ({cfg.data.dev_split}) overlaps data.eval_split ({cfg.data.eval_split}). PPO "
+                          "picks its best checkpoint on the dev split, so reporting on the same data would report a "
+                          "tuned number. Set data.eval_split (or data.dev_split) to another split, or use the two "
+                          "parts of one split: validation@dev and validation@report.")
     plan = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
                     world_size)
     if o.warmup_steps >= o.iterations * plan.steps_per_iteration:
@@ -159,10 +160,10 @@ def write_outputs(stage_dir: Path, summary: dict, tracker) -> None:
     panels = {
         "reward": {"score": curve(hist, "reward/score_mean"), "rm term": curve(hist, "reward/rm_term_mean"),
                    "metric term": curve(hist, "reward/metric_term_mean")},
-        "KL to reference (nats/seq)": {"rollout": curve(hist, "kl/seq_mean"), "eval (greedy)": curve(evals, "eval/kl")},
+        "KL to reference (nats/seq)": {"rollout": curve(hist, "kl/seq_mean"), "eval (greedy)": curve(evals, "eval/policy/kl")},
         "response length (tokens)": {"rollout": curve(hist, "rollout/response_tokens_mean")},
-        "eval la-ROUGE-L / ROUGE-L": {"la_rougeL": curve(evals, "eval/la_rougeL"), "rougeL": curve(evals, "eval/rougeL")},
-        "eval reward-model score": {"normalized": curve(evals, "eval/reward")},
+        "eval la-ROUGE-L / ROUGE-L": {"la_rougeL": curve(evals, "eval/policy/la_rougeL"), "rougeL": curve(evals, "eval/policy/rougeL")},
+        "eval reward-model score": {"normalized": curve(evals, "eval/policy/reward")},
         "log-prob parity": {"max |gen - train|": curve(hist, "parity/max_abs")},
     }
     plot = plot_grid(stage_dir / "curves.png", panels, title="PPO")
