@@ -85,6 +85,19 @@ def test_compare_two_evaluations_through_a_real_mlflow_server(mlflow_server, tmp
     assert sorted(rouge.values())[-1] == pytest.approx(1.0) and sorted(rouge.values())[0] < 0.8
     (delta,) = [d["rougeL"] for k, d in result["comparisons"].items() if k.split(" - ")[0].endswith(":model")]
     assert delta["ci_high"] < 0 or delta["ci_low"] > 0  # truncated references differ clearly from the references
+    # what the report holds: every system with its failure statistics, intervals, the most different examples
+    assert len(result["systems"]) == 4 and result["n_shared"] == 8  # two evaluations x (raw, +post)
+    for stats in result["systems"].values():
+        assert {"rougeL", "words_mean", "repetition_share", "unfinished_share"} <= set(stats)
+    good_key = next(k for k, v in result["systems"].items() if v["rougeL"] == pytest.approx(1.0))
+    assert result["systems"][good_key]["words_mean"] > next(v["words_mean"] for v in result["systems"].values()
+                                                             if v["rougeL"] < 0.9)
+    assert len(result["comparisons"]) == 3 and all("rougeL" in d for d in result["comparisons"].values())
+    assert len(result["examples"]) == 5
+    md = next((out / "compare").glob("*/report.md")).read_text()
+    assert "repetition_share" in md and "Paired bootstrap" in md and "differ most (ROUGE-L)" in md
+    html = next((out / "compare").glob("*/report.html")).read_text()
+    assert html.count("<table>") == 2 and '<img src="metrics.png">' in html
 
 
 def test_compare_refuses_unknown_sources(tmp_path):
@@ -92,3 +105,27 @@ def test_compare_refuses_unknown_sources(tmp_path):
                    "tracking.enabled=false")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "is neither an evaluation folder" in proc.stderr
+
+
+def test_compare_reads_evaluation_folders(tmp_path):
+    from trainer.config import DataConfig
+    from trainer.data.records import load_split
+
+    test = load_split(DataConfig(), "test")[:8]
+    out = tmp_path / "out"
+    folders = []
+    for name, cut in (("a", 100), ("b", 3)):
+        preds = tmp_path / f"{name}.jsonl"
+        preds.write_text("".join(json.dumps({"id": e.id, "prediction": " ".join(e.summary.split()[:cut])}) + "\n"
+                                 for e in test))
+        proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.predictions={preds}",
+                       "eval.semantic_model=none", "eval.bootstrap_samples=100", "tracking.enabled=false")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        folders.append(next(p for p in (out / "eval").glob("predictions-*") if p not in folders))
+    proc = run_cli("compare", "--config", str(TINY), *map(str, folders), f"output_dir={out}", "tracking.enabled=false",
+                   "eval.bootstrap_samples=100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads(next((out / "compare").glob("*/results.json")).read_text())
+    delta = next(d for k, d in results["comparisons"].items() if k.endswith(f"- {next(iter(results['systems']))}")
+                 and ":model - " in k and "+post" not in k.split(" - ")[0])
+    assert delta["rougeL"]["ci_high"] < 0  # the truncated system is worse, and the interval says so

@@ -92,6 +92,26 @@ def test_predictions_file_scoring_and_rescoring(tiny_sft_run, tmp_path):
     assert json.loads((other / "results.json").read_text())["systems"]["model"]["rougeL"] < 0.2
 
 
+def test_two_models_from_one_stage_keep_both_evaluations(tiny_sft_run, tmp_path):
+    """Two SFT models evaluated into one output dir: the second gets its own folder, the first stays."""
+    a = tiny_sft_run / "sft" / "model"
+    b = tmp_path / "other_sft"
+    shutil.copytree(a, b)
+    ident = json.loads((b / "lastmile_identity.json").read_text())
+    (b / "lastmile_identity.json").write_text(json.dumps({**ident, "hash": "0123456789abcdef"}))
+    out = tmp_path / "two"
+    for model in (a, b, a):  # the third run finds A's results unchanged
+        proc = run_cli("evaluate", "--config", str(TINY), f"output_dir={out}", f"eval.model={model}",
+                       "eval.semantic_model=none")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "unchanged; results in" in proc.stdout and f"{out}/eval/sft/results.json" in proc.stdout
+    folders = sorted(p.name for p in (out / "eval").iterdir() if (p / "DONE.json").is_file())
+    assert len(folders) == 2 and folders[0] == "sft" and folders[1].startswith("sft-")
+    sources = {json.loads((out / "eval" / f / "results.json").read_text())["systems"]["model"]["source"] for f in folders}
+    assert sources == {str(a), str(b)}
+    assert (out / "eval" / "sft" / "config.yaml").is_file()  # the resolved config beside the results
+
+
 def test_kill_and_resume_continues_the_same_curve_and_run(tiny_sft_run, tmp_path):
     """SIGKILL mid-run after the step-4 checkpoint; the rerun resumes from it and ends with the same
     loss history as the uninterrupted run, in the same MLflow run."""

@@ -56,6 +56,28 @@ class FakeEncoder:
         return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-9)
 
 
+def test_evaluating_n_systems_embeds_each_reference_once(monkeypatch):
+    """Through the evaluate stage's scoring: 3 systems and their post-processed versions, one encoder."""
+    from trainer.config import Config
+    from trainer.data.records import Example
+    from trainer.stages import evaluate
+
+    fake, built, real = FakeEncoder(), [], metrics.SemanticScorer
+    monkeypatch.setattr(metrics, "SemanticScorer", lambda name, **kw: built.append(name) or real(name, encoder=fake))
+    examples = [Example("a", "doc", "the cat sat", ("the cat sat", "a cat sat down")),
+                Example("b", "doc", "markets fell", ("markets fell",))]
+    systems = [evaluate.System(n, "x", p) for n, p in (("m", ("a cat", "fell")), ("m+post", ("a cat", "fell")),
+                                                        ("b", ("dogs", "stocks")), ("c", ("", "markets fell")))]
+    cfg = Config()
+    cfg.eval.bootstrap_samples = 10
+    results = evaluate.score_systems(systems, examples, cfg, [("m", "b")])
+    assert built == ["minilm"]  # one scorer for every system
+    # the 3 distinct references once, then each system's 2 predictions
+    assert fake.encoded[:3] == ["the cat sat", "a cat sat down", "markets fell"]
+    assert len(fake.encoded) == 3 + 2 * len(systems)
+    assert results["systems"]["c"]["semantic"] == pytest.approx((0.0 + 1.0) / 2)
+
+
 def test_semantic_scorer_embeds_each_reference_once_across_systems():
     refs = [["the cat sat", "a cat sat down"], ["stock markets fell"], ["the cat sat"]]
     systems = [["a cat sits", "markets fell", "dogs"], ["", "stocks fell", "the cat sat"], ["x", "y", "z"]]
@@ -67,3 +89,13 @@ def test_semantic_scorer_embeds_each_reference_once_across_systems():
     # the same numbers as a fresh scorer per system
     assert scores == [metrics.SemanticScorer("fake", encoder=FakeEncoder()).score(p, refs) for p in systems]
     assert scores[1][0] == 0.0 and scores[1][2] == pytest.approx(1.0)
+
+
+def test_mean_interval_brackets_the_mean_and_shrinks_with_more_examples():
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(0.3, 0.1, 20).tolist(), rng.normal(0.3, 0.1, 2000).tolist()
+    lo, hi = metrics.mean_interval(small, samples=500)
+    assert lo < np.mean(small) < hi
+    lo2, hi2 = metrics.mean_interval(large, samples=500)
+    assert lo2 < np.mean(large) < hi2 and (hi2 - lo2) < (hi - lo) / 5
+    assert metrics.mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5)

@@ -66,7 +66,11 @@ def test_sentences_with_a_new_word_a_lost_negation_or_a_new_order_are_kept():
                  "We train for 3 epochs. We train for 5 epochs.",
                  "Accuracy is 80.5 on X. Accuracy is 80 on X.",
                  "A beats B on X. B beats A on X.",
-                 "It isn't fast. It is fast."]:
+                 "It isn't fast. It is fast.",
+                 "X rarely fails. X fails.",  # a lost qualifier changes the claim
+                 "Only A beats B on X. A beats B.",
+                 "A beats B on few tasks. A beats B.",
+                 "The method may improve recall. The method improve recall."]:
         assert remove_repeated_sentences(text) == text
         assert postprocess(text) == text
 

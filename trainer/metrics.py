@@ -234,18 +234,30 @@ def _words(sentence: str) -> list[str]:
     return _WORD.findall(sentence.lower().replace("’", "'"))
 
 
-def _is_negation(word: str) -> bool:
-    return word in _NEGATIONS or word.endswith("n't")
+# Words that set the scope or strength of a claim: deleting one changes what the sentence says
+# ("X rarely fails." vs "X fails.", "Only A beats B." vs "A beats B."), so a shorter sentence that
+# lacks one is not a repeat.
+_SCOPE_WORDS = frozenset({
+    "only", "rarely", "seldom", "hardly", "barely", "scarcely", "sometimes", "occasionally", "often", "usually",
+    "mostly", "partly", "partially", "largely", "slightly", "somewhat", "almost", "nearly", "roughly", "approximately",
+    "few", "little", "some", "several", "many", "most", "all", "every", "each", "any", "both", "either", "more", "less",
+    "fewer", "than", "except", "unless", "if", "but", "although", "though", "however", "may", "might", "could", "can",
+    "should", "would", "possibly", "probably", "likely", "unlikely", "potentially", "apparently", "seemingly",
+})
+
+
+def _changes_meaning_when_deleted(word: str) -> bool:
+    return word in _NEGATIONS or word.endswith("n't") or word in _SCOPE_WORDS
 
 
 def _shortened_copy(sentence: list[str], earlier: list[str]) -> bool:
     """True when word list `sentence` is word list `earlier` with zero or more words deleted, none
-    of them a negation (greedy subsequence matching, which is exact for this test)."""
+    of them a negation or a scope word (greedy subsequence matching, which is exact for this test)."""
     i = 0
     for word in earlier:
         if i < len(sentence) and sentence[i] == word:
             i += 1
-        elif _is_negation(word):
+        elif _changes_meaning_when_deleted(word):
             return False
     return i == len(sentence)
 
@@ -255,9 +267,10 @@ def remove_repeated_sentences(text: str) -> str:
 
     Words are compared lowercased. A sentence is dropped only when its words are the words of ONE
     earlier kept sentence with zero or more deleted, in the same order, and the deleted words hold
-    no negation. So a dropped sentence never carries a word (a number, a "not") the kept text lacks,
-    never reorders a claim ("B beats A." after "A beats B." stays), and never loses a negation
-    ("The model is fast." after "The model is not fast." stays). A sentence without any word
+    no negation and no scope word (only, rarely, few, most, may, ...). So a dropped sentence never
+    carries a word (a number, a "not") the kept text lacks, never reorders a claim ("B beats A."
+    after "A beats B." stays), and never loses a negation or a qualifier ("The model is fast." after
+    "The model is not fast." stays, "X fails." after "X rarely fails." stays). A sentence without any word
     (punctuation, an emoji) is dropped only as an exact repeat. This is stricter than a word-overlap
     threshold: a near-repeat that rephrases with new words stays.
     """
@@ -304,6 +317,15 @@ def postprocess(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- significance
+
+
+def mean_interval(values: list[float], *, samples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of `values` (examples resampled with replacement)."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        raise ValueError("mean_interval needs at least one value")
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(samples, x.size))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paired_bootstrap(a: list[float], b: list[float], *, samples: int = 1000, seed: int = 0) -> dict[str, float]:

@@ -43,8 +43,10 @@ def plot_histograms(path: Path, groups: dict[str, list[float]], *, title: str, x
     return path
 
 
-def plot_metric_bars(path: Path, systems: dict[str, dict[str, float]], *, title: str) -> Path:
-    """Grouped bars: one group per metric, one bar per system."""
+def plot_metric_bars(path: Path, systems: dict[str, dict[str, float]], *, title: str,
+                     intervals: dict[str, dict[str, tuple[float, float]]] | None = None) -> Path:
+    """Grouped bars: one group per metric, one bar per system; `intervals` (system -> metric ->
+    (low, high)) draws each mean's 95% interval as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,9 +58,14 @@ def plot_metric_bars(path: Path, systems: dict[str, dict[str, float]], *, title:
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
         xs = [j + i * width for j in range(len(metrics))]
-        ax.bar(xs, [systems[n].get(m, 0.0) for m in metrics], width=width, label=n)
+        heights = [systems[n].get(m, 0.0) for m in metrics]
+        err = None
+        if intervals and n in intervals:
+            lo_hi = [intervals[n].get(m, (h, h)) for m, h in zip(metrics, heights)]
+            err = [[h - lo for (lo, _), h in zip(lo_hi, heights)], [hi - h for (_, hi), h in zip(lo_hi, heights)]]
+        ax.bar(xs, heights, width=width, label=n, yerr=err, capsize=3 if err else 0)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
-    ax.set(title=title, ylabel="mean over examples")
+    ax.set(title=title, ylabel="mean over examples" + (" (95% bootstrap interval)" if intervals else ""))
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -31,6 +31,7 @@ def run(cfg: Config) -> dict:
     results = evaluate_systems(cfg, specs, list(COMPARISONS), folder, run_name="evaluate:report")
     if not distributed.setup().is_main:
         return results
+    folder = Path(results["folder"])  # report/, or report-<identity> when report/ holds another evaluation
     curves = out / "ppo" / "curves.png"
     if curves.is_file():
         shutil.copyfile(curves, folder / "curves.png")

@@ -83,7 +83,8 @@ def read_predictions(path: Path, examples: list[Example], *, missing: str = "err
         raise DataError(
             f"{path} has no prediction for {len(absent)} of {len(examples)} evaluation examples "
             f"(first: {', '.join(absent[:MAX_REPORTED_IDS])}). Predict every id of data.eval_split (an empty "
-            "string for no output), or lower eval.max_examples."
+            "string for no output), set eval.missing_predictions=empty to score them as empty, or lower "
+            "eval.max_examples."
         )
     return [found[e.id][0] if e.id in found else "" for e in examples]
 

@@ -146,7 +146,10 @@ def write_stage_config(cfg: Config, stage_dir: Path, tracker, dist: DistInfo, *,
     (stage_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker.log_artifact(stage_dir / "config.yaml")
     tracker.log_params({f"runtime.{k}": v for k, v in runtime.items()})
-    print(f"{stage_dir.name}: model {cfg.model.path}, data {cfg.data.source}, output {stage_dir}, "
+    from trainer.tracking import tracking_uri
+
+    where = tracking_uri(cfg) if cfg.tracking.enabled else "off"
+    print(f"{stage_dir.name}: model {cfg.model.path}, data {cfg.data.source}, output {stage_dir}, tracking {where}, "
           f"{', '.join(f'{k} {v}' for k, v in runtime.items())}; resolved config in {stage_dir / 'config.yaml'}",
           flush=True)
 

@@ -33,7 +33,7 @@ from trainer.errors import UserError
 from trainer.generation import generate
 from trainer.models import load_causal_lm, load_tokenizer
 from trainer.plots import plot_histograms, plot_metric_bars
-from trainer.stages.common import model_identity
+from trainer.stages.common import model_identity, write_stage_config
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +94,20 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
     dist = distributed.setup()
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     ident = _identity(cfg, specs, examples)
+    folder = folder_for(folder, ident)
     done = folder / checkpoint.DONE_FILE
-    if done.is_file() and json.loads(done.read_text()).get("identity") == ident:
+    if done.is_file():
         if dist.is_main:
             print(f"Evaluation of {', '.join(s.name for s in specs)} unchanged; results in {folder / 'results.json'}")
         return json.loads((folder / "results.json").read_text())
-    if done.is_file() and dist.is_main:  # results of something else under this name: a new run, not the old one
-        done.unlink()
-        (folder / "mlflow_run.json").unlink(missing_ok=True)
+    if dist.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        checkpoint.write_json_atomic(folder / "identity.json", {"identity": ident})
+    distributed.barrier()
     tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name, record=folder / "mlflow_run.json",
                              upstream_run_id=_upstream(specs), parent_run_id=parent_run_id)
+    write_stage_config(cfg, folder, tracker, dist, runtime={"systems": ", ".join(s.name for s in specs),
+                                                            "examples": len(examples)})
     with tracking.closing(tracker):
         systems = []
         for spec in specs:
@@ -111,12 +115,26 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
             systems += [s, System(f"{s.name}+post", s.source, tuple(metrics.postprocess(p) for p in s.predictions))]
         if not dist.is_main:
             return {}
-        results = score_systems(systems, examples, cfg, comparisons)
+        results = score_systems(systems, examples, cfg, comparisons) | {"folder": str(folder)}
         _write(folder, systems, examples, results, tracker)
         checkpoint.write_json_atomic(folder / "run.json", {"run_id": tracker.run_id, "stage": stage})
         checkpoint.write_json_atomic(done, {"identity": ident})
     print(f"Results: {folder / 'results.json'}; side by side: {folder / 'samples.md'}", flush=True)
     return results
+
+
+def folder_for(folder: Path, ident: str) -> Path:
+    """`folder`, unless it holds (or began) the evaluation of something else: then `<folder>-<identity>`,
+    so that evaluating a second system never overwrites the first and a changed input gets new results."""
+    for recorded in (folder / "identity.json", folder / checkpoint.DONE_FILE):
+        if recorded.is_file():
+            try:
+                same = json.loads(recorded.read_text()).get("identity") == ident
+            except (json.JSONDecodeError, OSError):
+                same = False
+            if not same:
+                return folder.with_name(f"{folder.name}-{ident[:8]}")
+    return folder
 
 
 def _identity(cfg: Config, specs: list[SystemSpec], examples: list[Example]) -> str:
@@ -146,7 +164,8 @@ def _default_model(cfg: Config) -> str:
 
 def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistInfo) -> System:
     if spec.predictions:
-        return System(spec.name, spec.predictions, tuple(read_predictions(Path(spec.predictions), examples)))
+        return System(spec.name, spec.predictions, tuple(read_predictions(Path(spec.predictions), examples,
+                                                                          missing=cfg.eval.missing_predictions)))
     cache = _generation_cache(cfg, spec, examples)
     if cache.is_file():
         return System(spec.name, spec.model, tuple(read_predictions(cache, examples)))
@@ -247,8 +266,13 @@ def _write(folder: Path, systems: list[System], examples: list[Example], results
             key = f"eval/delta/{mlflow_name(a)}_vs_{mlflow_name(b)}/{m}"
             flat.update({key: r["mean_diff"], f"{key}_lo": r["ci_low"], f"{key}_hi": r["ci_high"]})
     tracker.log_metrics(flat)
-    plot = plot_metric_bars(folder / "metrics.png", {n: {k: v[k] for k in ("rougeL", "la_rougeL", "semantic") if k in v}
-                                                     for n, v in results["systems"].items()}, title="Evaluation")
+    shown = ("rougeL", "la_rougeL", "semantic")
+    per_example = results["per_example"]
+    intervals = {n: {k: metrics.mean_interval(per_example[n][k], samples=1000, seed=0) for k in shown if k in per_example[n]}
+                 for n in per_example}
+    plot = plot_metric_bars(folder / "metrics.png", {n: {k: v[k] for k in shown if k in v}
+                                                     for n, v in results["systems"].items()},
+                            title=f"Evaluation on {results['n_examples']} examples", intervals=intervals)
     lengths = plot_histograms(folder / "lengths.png", {
         **{s.name: [float(metrics.n_words(p)) for p in s.predictions] for s in systems},
         "reference": [float(metrics.n_words(ex.references[0])) for ex in examples]},
