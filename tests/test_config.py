@@ -101,3 +101,23 @@ def test_relative_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
     (tmp_path / "pyproject.toml").write_text("")
     assert resolve_local_path("pyproject.toml").resolve() == tmp_path / "pyproject.toml"  # the working dir wins
     assert resolve_local_path("no/such/dir") is None
+
+
+def test_stage_identity_is_its_section_shared_settings_and_inputs():
+    from trainer.stages.common import same_identity, stage_identity
+
+    cfg = load_config(ROOT / "trainer" / "configs" / "tiny.yaml")
+    base = stage_identity(cfg, "sft", {})
+    assert same_identity(base, stage_identity(load_config(ROOT / "trainer/configs/tiny.yaml", ["rm.lr=0.5"]), "sft", {}))
+    assert same_identity(base, stage_identity(load_config(ROOT / "trainer/configs/tiny.yaml", ["sft.save_every=3"]),
+                                              "sft", {}))  # how often it saves is not what it learns
+    for change in (["sft.lr=0.5"], ["data.source=hub:someone/else"], ["seed=3"], ["prompt.max_document_tokens=10"]):
+        other = stage_identity(load_config(ROOT / "trainer/configs/tiny.yaml", change), "sft", {})
+        assert not same_identity(base, other), change
+    rm = stage_identity(cfg, "reward_model", {"init": "a/model"})
+    assert not same_identity(rm, stage_identity(cfg, "reward_model", {"init": "b/model"}))
+    # an older record that lacks a setting a later version added, at its default, is the same stage
+    old = {**base, "hash": "older", "settings": {k: v for k, v in base["settings"].items() if k != "data.dev_fraction"}}
+    assert same_identity(old, base)
+    moved = stage_identity(load_config(ROOT / "trainer/configs/tiny.yaml", ["data.dev_fraction=0.3"]), "sft", {})
+    assert not same_identity(old, moved)  # ... but not when this run sets it to something else

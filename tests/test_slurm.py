@@ -19,17 +19,19 @@ PREFIX = "/tmp/lastmile-slurm"
 def slurm_env():
     if os.geteuid() != 0:
         pytest.skip("the local Slurm needs root (slurmd launches jobs as the submitting user)")
+    env = {**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX}
     try:
-        proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX})
-    except subprocess.TimeoutExpired:
-        pytest.skip("the local Slurm did not start within 300 s")
-    if proc.returncode != 0:
-        pytest.skip(f"the local Slurm could not start: {proc.stderr[-500:]}")
-    yield clean_env(SLURM_CONF=f"{PREFIX}/etc/slurm.conf", PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
-    # stop what we started, by the PID files start.sh wrote
-    subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, timeout=120,
-                   env={**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX})
+        try:
+            proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True,
+                                  timeout=300, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.skip("the local Slurm did not start within 300 s")
+        if proc.returncode != 0:
+            pytest.skip(f"the local Slurm could not start: {proc.stderr[-500:]}")
+        yield clean_env(SLURM_CONF=f"{PREFIX}/etc/slurm.conf", PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    finally:
+        # stop what we started (also after a start that failed half-way), by the PID files start.sh wrote
+        subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, timeout=120, env=env)
 
 
 def _sbatch(env, out, *args, stages=None):

@@ -137,6 +137,14 @@ def length_stats(predictions: list[str], references: list[list[str]]) -> dict[st
     }
 
 
+def failure_stats(texts: list[str]) -> dict[str, float]:
+    """Share of outputs with a repetition (a word loop or a repeated sentence that post-processing
+    would remove) and with an unfinished last sentence (that post-processing would trim)."""
+    rep = [remove_repeated_sentences(remove_ngram_loops(t)) != " ".join(t.split()) for t in texts]
+    unfinished = [bool(t.strip()) and trim_unfinished(t) != t.strip() for t in texts]
+    return {"repetition_share": float(np.mean(rep)), "unfinished_share": float(np.mean(unfinished))}
+
+
 # ----------------------------------------------------------------------------- semantic similarity
 
 

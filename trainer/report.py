@@ -18,7 +18,8 @@ from trainer.stages.evaluate import COMPARED, SystemSpec, evaluate_systems
 
 COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
                ("rl+post", "rl"))
-TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "len/pred_words_mean", "len/ratio_mean")
+TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "len/pred_words_mean", "len/ratio_mean",
+         "repetition_share", "unfinished_share")
 EXAMPLES = 5
 
 
@@ -53,7 +54,7 @@ def markdown(results: dict, ppo: dict) -> str:
              "| system | " + " | ".join(_label(k) for k in TABLE if k in next(iter(systems.values()))) + " |",
              "|---|" + "---|" * sum(k in next(iter(systems.values())) for k in TABLE)]
     for name, v in systems.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v[k]:.4f}" if not k.startswith("len/") else f"{v[k]:.2f}"
+        lines.append(f"| {name} | " + " | ".join(f"{v[k]:.2f}" if k.startswith("len/") or k.endswith("_share") else f"{v[k]:.4f}"
                                                  for k in TABLE if k in v) + " |")
     metrics = [m for m in COMPARED if any(m in c for c in results["comparisons"].values())]
     lines += ["", "Paired bootstrap over examples: difference a - b and its 95% interval (an interval that excludes 0 "
@@ -74,7 +75,8 @@ def markdown(results: dict, ppo: dict) -> str:
 
 
 def _label(key: str) -> str:
-    return {"len/pred_words_mean": "words", "len/ratio_mean": "length ratio"}.get(key, key)
+    return {"len/pred_words_mean": "words", "len/ratio_mean": "length ratio", "repetition_share": "with repetition",
+            "unfinished_share": "unfinished"}.get(key, key)
 
 
 def _examples(folder: Path) -> str:

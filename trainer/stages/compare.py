@@ -148,7 +148,8 @@ def compare(evaluations: list[Evaluation], shared: list[str], cfg: Config) -> di
             scores = {m: [v[k] for k in rows] for m, v in e.scores[name].items() if m in REPORTED}
             per[key] = {"texts": texts, "scores": scores}
             systems[key] = {m: float(np.mean(v)) for m, v in scores.items()}
-            systems[key].update(failure_stats(texts))
+            systems[key].update(metrics.failure_stats(texts))
+            systems[key]["words_mean"] = float(np.mean([metrics.n_words(t) for t in texts]))
     base = next(iter(per))
     deltas = {f"{k} - {base}": {m: metrics.paired_bootstrap(per[base]["scores"][m], per[k]["scores"][m],
                                                              samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
@@ -163,15 +164,6 @@ def compare(evaluations: list[Evaluation], shared: list[str], cfg: Config) -> di
                  "rougeL": {a: per[a]["scores"]["rougeL"][i], b: per[b]["scores"]["rougeL"][i]}} for i in diff[:5]]
     return {"n_shared": len(shared), "sources": [e.source for e in evaluations], "systems": systems,
             "comparisons": deltas, "examples": examples, "pair": [a, b]}
-
-
-def failure_stats(texts: list[str]) -> dict[str, float]:
-    """Share of outputs with a repetition (post-processing would remove a loop or repeated sentence)
-    and with an unfinished last sentence; mean words."""
-    rep = [metrics.remove_repeated_sentences(metrics.remove_ngram_loops(t)) != " ".join(t.split()) for t in texts]
-    unfinished = [bool(t.strip()) and metrics.trim_unfinished(t) != t.strip() for t in texts]
-    return {"repetition_share": float(np.mean(rep)), "unfinished_share": float(np.mean(unfinished)),
-            "words_mean": float(np.mean([metrics.n_words(t) for t in texts]))}
 
 
 def markdown(r: dict) -> str:

@@ -224,6 +224,7 @@ def score_systems(systems: list[System], examples: list[Example], cfg: Config,
         per_system[s.name] = scores
         summary[s.name] = {k: float(np.mean(v)) for k, v in scores.items()}
         summary[s.name].update(metrics.length_stats(list(s.predictions), refs))
+        summary[s.name].update(metrics.failure_stats(list(s.predictions)))
     compared = {
         f"{a} - {b}": {
             m: metrics.paired_bootstrap(per_system[b][m], per_system[a][m], samples=cfg.eval.bootstrap_samples,
