@@ -127,7 +127,7 @@ CASES = [
     ("model-override-field", "sft", lambda t: ["model.config_overrides={no_such_field: 1}"],
      "model.config_overrides.no_such_field is not a field of LlamaConfig."),
     ("model-override-type", "sft", lambda t: ["model.config_overrides={num_hidden_layers: two}"],
-     "model.config_overrides.num_hidden_layers ('two') must be a int"),
+     "model.config_overrides.num_hidden_layers ('two') must be an int"),
     ("evaluate-without-sft", "evaluate", lambda t: [], "holds no model. Run `lastmile sft` with the same output_dir first"),
     ("ppo-without-sft", "ppo", lambda t: [], "ppo.init is unset and"),
     ("ppo-without-reward-model", "ppo", lambda t: [f"ppo.init={_sft_like(t)}"], "holds no reward model. Run `lastmile reward-model`"),

@@ -52,7 +52,7 @@ def test_empty_and_missing_fields_reported_by_row(tmp_path):
     msg = str(e.value)
     assert "3 of 4 rows" in msg and "row 2 (line 2): field 'document' is empty" in msg
     assert "row 3 (line 3): field 'summary' is missing" in msg and "data.document_field" in msg
-    assert "row 4 (line 4): field 'document' is a int (42), not text" in msg  # a wrong type is not "missing"
+    assert "row 4 (line 4): field 'document' is an int (42), not text" in msg  # a wrong type is not "missing"
 
 
 def test_missing_split_names_the_files_there(tmp_path):

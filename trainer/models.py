@@ -187,7 +187,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None =
         current = getattr(hf_config, key)
         if current is not None and type(value) is not type(current) and not (
                 isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)):
-            raise ModelError(f"model.config_overrides.{key} ({value!r}) must be a {type(current).__name__} like the "
+            raise ModelError(f"model.config_overrides.{key} ({value!r}) must be {_a(type(current).__name__)} like the "
                              f"model's own value ({current!r}).")
         setattr(hf_config, key, value)
     kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
@@ -347,3 +347,8 @@ def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_
         )
     rm.config.pad_token_id = pad_token_id
     return rm, attn
+
+
+def _a(noun: str) -> str:
+    """'an int', 'a float'."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"

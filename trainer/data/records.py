@@ -45,7 +45,7 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Ex
         field_cfg = cfg
     examples = to_examples(rows, field_cfg, where)
     if part is not None:
-        examples = [e for e in examples if (in_dev_part(e.id, cfg.dev_fraction)) == (part == "dev")]
+        examples = [e for e in examples if in_dev_part(e.id, cfg.dev_fraction) == (part == "dev")]
         if not examples:
             raise DataError(f"{where}@{part} holds no examples with data.dev_fraction={cfg.dev_fraction}. Move "
                             "data.dev_fraction away from 0 or 1.")
@@ -97,7 +97,8 @@ def _text_problem(row: dict[str, Any], name: str) -> str | None:
         return f"field {name!r} is missing"
     v = row[name]
     if not isinstance(v, str):
-        return f"field {name!r} is a {type(v).__name__} ({json.dumps(v, default=str)[:40]}), not text"
+        kind = type(v).__name__
+        return f"field {name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({json.dumps(v, default=str)[:40]}), not text"
     return None if v.strip() else f"field {name!r} is empty"
 
 
