@@ -58,7 +58,7 @@ def test_the_ui_shows_the_pipeline_run_named_for_what_it_is(tiny_pipeline, tmp_p
         assert "report/rl/la_rougeL" in dom  # the report's headline metrics on the parent run
         picture = os.environ.get("LASTMILE_UI_SCREENSHOT")
         if picture:
-            listing = f"{uri}/#/experiments/{exp.experiment_id}"
+            listing = f"{uri}/#/experiments/{exp.experiment_id}/runs"  # Model training > Training runs
             proc = _chromium(f"--screenshot={os.path.abspath(picture)}", listing)
             assert os.path.getsize(picture) > 10_000, proc.stderr[-1000:]
     finally:

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
-from trainer.config import GenerationConfig
+from trainer import distributed
+from trainer.config import Config, GenerationConfig, plan_batches
 from trainer.data.collate import collate_prompts
-from trainer.data.prompts import TokenizedExample
+from trainer.data.prompts import PromptBuilder, TokenizedExample
+from trainer.data.records import Example
+from trainer.distributed import DistInfo
+from trainer.hybrid_engine import HybridEngine
+from trainer.models import hidden_size_of, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def generation_kwargs(cfg: GenerationConfig, tokenizer) -> dict:
@@ -47,3 +58,47 @@ def generate(
     bar.close()
     lm.train(was_training)
     return outputs
+
+
+def generate_examples(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo, gen: GenerationConfig, *,
+                      desc: str | None = None) -> list[str]:
+    """One summary per example from the model at `model_path`, in order, with the settings `gen`.
+    Data-parallel: each rank generates its shard. Under ZeRO-3 with several ranks the
+    model is loaded partitioned (no rank holds it whole while loading) and generates through the
+    hybrid engine's generation mode, gathered once (or per layer when it does not fit the device)."""
+    tokenizer = load_tokenizer(replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None))
+    ds = _partitioned_inference_config(cfg, model_path, dist)
+    lm, attn = load_causal_lm(cfg.model, dist.device, path=model_path, ds=ds)
+    if dist.is_main:
+        log.info("evaluating %s (attention: %s%s)", model_path, attn.implementation, ", ZeRO-3 partitioned" if ds else "")
+    prompts, report = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
+    if dist.is_main:
+        log.info("eval data: %s", report.describe())
+    shard = list(range(dist.rank, len(prompts), dist.world_size))
+    run = dict(autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=dist.is_main,
+               desc=desc or f"generate ({Path(model_path).name})")
+    if ds is None:
+        texts = generate(lm.to(dist.device), tokenizer, [prompts[i] for i in shard], gen, dist.device,
+                         **run)
+    else:
+        hybrid = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
+                              gather=cfg.ppo.generation_gather, world_size=dist.world_size)
+        per_rank = -(-len(prompts) // dist.world_size)  # equal batch counts on every rank: layer mode's collectives
+        padded = shard + (shard[-1:] or [0]) * (per_rank - len(shard))
+        with hybrid.generation_mode():
+            texts = generate(lm, tokenizer, [prompts[i] for i in padded], gen, dist.device,
+                             synced_gpus=hybrid.synced_gpus, **run)[: len(shard)]
+    out: list[str] = [""] * len(prompts)
+    for idx, txts in zip(distributed.gather_objects(shard), distributed.gather_objects(texts)):
+        for i, t in zip(idx, txts):
+            out[i] = t
+    return out
+
+
+def _partitioned_inference_config(cfg: Config, model_path: str, dist: DistInfo) -> dict | None:
+    """The filled ZeRO-3 config for loading the generating model partitioned, or None (one rank, ZeRO-1/2)."""
+    if dist.world_size == 1 or distributed.zero_stage(distributed.load_ds_config(cfg.deepspeed.config)) != 3:
+        return None
+    plan = plan_batches(dist.world_size, 1, dist.world_size)  # DeepSpeed's batch arithmetic; nothing trains
+    return distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.sft.optim(),
+                                     hidden_size=hidden_size_of(cfg.model, model_path))

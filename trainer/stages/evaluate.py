@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,12 +26,10 @@ import numpy as np
 from trainer import checkpoint, distributed, metrics, tracking
 from trainer.config import Config, flatten, to_dict
 from trainer.data.predictions import read_predictions
-from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
 from trainer.distributed import DistInfo
 from trainer.errors import UserError
-from trainer.generation import generate
-from trainer.models import load_causal_lm, load_tokenizer
+from trainer.generation import generate_examples
 from trainer.plots import plot_histograms, plot_metric_bars
 from trainer.stages.common import model_identity, write_stage_config
 
@@ -169,7 +167,7 @@ def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistIn
     cache = _generation_cache(cfg, spec, examples)
     if cache.is_file():
         return System(spec.name, spec.model, tuple(read_predictions(cache, examples)))
-    texts = _generate_all(spec.model, cfg, examples, dist)
+    texts = generate_examples(spec.model, cfg, examples, dist, cfg.eval.generation)
     if dist.is_main:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp")
@@ -185,27 +183,6 @@ def _generation_cache(cfg: Config, spec: SystemSpec, examples: list[Example]) ->
                       "data": [cfg.data.source, cfg.data.eval_split], "ids": [e.id for e in examples]}, sort_keys=True)
     return (Path(cfg.output_dir) / "eval" / "generations" /
             f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
-
-
-def _generate_all(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo) -> list[str]:
-    """Data-parallel generation: each rank holds the whole model and generates its shard."""
-    tokenizer = load_tokenizer(replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None))
-    lm, attn = load_causal_lm(cfg.model, dist.device, path=model_path)
-    lm.to(dist.device)
-    if dist.is_main:
-        log.info("evaluating %s (attention: %s)", model_path, attn.implementation)
-    prompts, report = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
-    if dist.is_main:
-        log.info("eval data: %s", report.describe())
-    shard = list(range(dist.rank, len(prompts), dist.world_size))
-    texts = generate(lm, tokenizer, [prompts[i] for i in shard], cfg.eval.generation, dist.device,
-                     autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=dist.is_main,
-                     desc=f"generate ({Path(model_path).name})")
-    out: list[str] = [""] * len(prompts)
-    for idx, txts in zip(distributed.gather_objects(shard), distributed.gather_objects(texts)):
-        for i, t in zip(idx, txts):
-            out[i] = t
-    return out
 
 
 def score_systems(systems: list[System], examples: list[Example], cfg: Config,

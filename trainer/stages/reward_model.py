@@ -31,8 +31,8 @@ from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
 from trainer.data.sampling import micro_batch_indices
 from trainer.errors import ConfigError, UserError
-from trainer.generation import generate
-from trainer.models import ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone, load_tokenizer
+from trainer.generation import generate_examples
+from trainer.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
 from trainer.plots import plot_histograms
 from trainer.stages import common
 from trainer.stages.loop import TrainContext, train_loop
@@ -122,18 +122,8 @@ def negative_context(tokenizer, examples: list[Example]) -> NegativeContext:
 
 def policy_negatives(cfg: Config, examples: list[Example], dist) -> list[Pair]:
     """The policy's own sampled summaries whose ROUGE-L against the reference is low."""
-    path = cfg.rm.policy_negatives_model
-    tokenizer = load_tokenizer(replace(cfg.model, path=path, gguf_file=None, tokenizer_path=None))
-    lm, _ = load_causal_lm(cfg.model, dist.device, path=path)
-    prompts, _ = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
-    shard = list(range(dist.rank, len(prompts), dist.world_size))
     gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
-    texts = generate(lm, tokenizer, [prompts[i] for i in shard], gen, dist.device, show_progress=dist.is_main,
-                     desc="policy samples")
-    out: list[str] = [""] * len(prompts)
-    for idx, txts in zip(distributed.gather_objects(shard), distributed.gather_objects(texts)):
-        for i, t in zip(idx, txts):
-            out[i] = t
+    out = generate_examples(cfg.rm.policy_negatives_model, cfg, examples, dist, gen, desc="policy samples")
     scores = metrics.rouge_per_example(out, [list(e.references) for e in examples])["rougeL"]
     return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, out, scores)
             if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
