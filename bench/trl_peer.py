@@ -61,7 +61,8 @@ def main() -> None:
 
     out_dir = os.path.join(os.path.dirname(os.path.abspath(args.out)), f"trl-{args.trainer}-work")
     common = dict(output_dir=out_dir, report_to="none", save_strategy="no", logging_steps=1, use_cpu=True, bf16=False,
-                  fp16=False, learning_rate=1e-6, seed=0, per_device_train_batch_size=args.micro_batch)
+                  fp16=False, learning_rate=1e-6, seed=0, per_device_train_batch_size=args.micro_batch,
+                  gradient_checkpointing=False)  # TRL's default (True) recomputes activations; ours does not
     total = args.prompts_per_step * args.completions_per_prompt
     if args.trainer == "grpo":
         from trl import GRPOConfig, GRPOTrainer
@@ -80,6 +81,9 @@ def main() -> None:
                         num_mini_batches=1, num_ppo_epochs=1, total_episodes=args.steps * args.prompts_per_step,
                         local_rollout_forward_batch_size=args.prompts_per_step, response_length=args.max_new_tokens,
                         stop_token="eos", temperature=1.0, kl_coef=0.05, num_sample_generations=0)
+        # PPOTrainer masks every pad-id token; SmolLM2 pads with <|im_end|>, which chat prompts contain
+        if "<|endoftext|>" in tok.get_vocab():
+            tok.pad_token = "<|endoftext|>"
         ids = [tok(x, add_special_tokens=False)["input_ids"] for x in prompts]
         policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

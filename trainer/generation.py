@@ -70,16 +70,16 @@ def generate_examples(model_path: str, cfg: Config, examples: list[Example], dis
     ds = _partitioned_inference_config(cfg, model_path, dist)
     lm, attn = load_causal_lm(cfg.model, dist.device, path=model_path, ds=ds)
     if dist.is_main:
-        log.info("evaluating %s (attention: %s%s)", model_path, attn.implementation, ", ZeRO-3 partitioned" if ds else "")
+        log.info("generating with %s (attention: %s%s)", model_path, attn.implementation,
+                 ", ZeRO-3 partitioned" if ds else "")
     prompts, report = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
     if dist.is_main:
-        log.info("eval data: %s", report.describe())
+        log.info("prompts: %s", report.describe())
     shard = list(range(dist.rank, len(prompts), dist.world_size))
     run = dict(autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=dist.is_main,
                desc=desc or f"generate ({Path(model_path).name})")
     if ds is None:
-        texts = generate(lm.to(dist.device), tokenizer, [prompts[i] for i in shard], gen, dist.device,
-                         **run)
+        texts = generate(lm.to(dist.device), tokenizer, [prompts[i] for i in shard], gen, dist.device, **run)
     else:
         hybrid = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
                               gather=cfg.ppo.generation_gather, world_size=dist.world_size)

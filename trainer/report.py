@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
-from trainer import distributed, tracking
+from trainer import checkpoint, distributed, tracking
 from trainer.config import Config
+from trainer.metrics import paired_bootstrap
 from trainer.stages.evaluate import COMPARED, SystemSpec, evaluate_systems
 
 COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
                ("rl+post", "rl"))
-TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "len/pred_words_mean", "len/ratio_mean",
+TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "reward", "len/pred_words_mean", "len/ratio_mean",
          "repetition_share", "unfinished_share")
 EXAMPLES = 5
 
@@ -33,12 +35,57 @@ def run(cfg: Config) -> dict:
     if not distributed.setup().is_main:
         return results
     folder = Path(results["folder"])  # report/, or report-<identity> when report/ holds another evaluation
+    results = add_reward_scores(cfg, folder, results)
     curves = out / "ppo" / "curves.png"
     if curves.is_file():
         shutil.copyfile(curves, folder / "curves.png")
     (folder / "report.md").write_text(markdown(results, _ppo_summary(out)) + _examples(folder), encoding="utf-8")
     _log_to_parent(cfg, folder)
     print(f"Report: {folder / 'report.md'}", flush=True)
+    return results
+
+
+def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
+    """Every system's summaries scored by the pipeline's reward model (prompt + summary, the form it was
+    trained on), normalized with its reward_stats.json: `reward` per system, per example, and in every
+    comparison's paired bootstrap. Rank 0, after the evaluation; kept in results.json (a rerun reuses it)."""
+    rm_path = Path(cfg.ppo.reward.model or Path(cfg.output_dir) / "reward_model" / "model")
+    if not (rm_path / "config.json").is_file() or all("reward" in v for v in results["systems"].values()):
+        return results
+    import torch
+
+    from trainer.data.predictions import read_predictions
+    from trainer.data.prompts import PromptBuilder
+    from trainer.data.records import load_split
+    from trainer.models import ScalarRewardModel, load_reward_backbone, load_tokenizer
+    from trainer.stages.reward_model import collate_sequences, prompt_ids_by_id, summary_ids
+
+    device = distributed.setup().device
+    tokenizer = load_tokenizer(replace(cfg.model, path=str(rm_path), gguf_file=None, tokenizer_path=None))
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
+    prompts = prompt_ids_by_id(examples, builder)
+    model = ScalarRewardModel(load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id)[0])
+    model.to(device).eval()
+    stats = json.loads((rm_path / "reward_stats.json").read_text()) if (rm_path / "reward_stats.json").is_file() \
+        else {"mean": 0.0, "std": 1.0}
+    micro = cfg.eval.generation.batch_size
+    for name in results["systems"]:
+        texts = read_predictions(folder / f"predictions-{name}.jsonl", examples)
+        seqs = [prompts[e.id] + summary_ids(builder, t) for e, t in zip(examples, texts)]
+        raw: list[float] = []
+        for i in range(0, len(seqs), micro):
+            ids, mask = collate_sequences(seqs[i : i + micro], tokenizer.pad_token_id)
+            with torch.no_grad(), distributed.autocast(cfg.precision, device):
+                raw += model(ids.to(device), mask.to(device)).tolist()
+        scores = [(r - stats["mean"]) / (stats["std"] or 1.0) for r in raw]
+        results["per_example"][name]["reward"] = scores
+        results["systems"][name]["reward"] = sum(scores) / len(scores)
+    for comp, by_metric in results["comparisons"].items():
+        a, b = comp.split(" - ")
+        by_metric["reward"] = paired_bootstrap(results["per_example"][b]["reward"], results["per_example"][a]["reward"],
+                                               samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+    checkpoint.write_json_atomic(folder / "results.json", results)
     return results
 
 
@@ -56,7 +103,7 @@ def markdown(results: dict, ppo: dict) -> str:
     for name, v in systems.items():
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.2f}" if k.startswith("len/") or k.endswith("_share") else f"{v[k]:.4f}"
                                                  for k in TABLE if k in v) + " |")
-    metrics = [m for m in COMPARED if any(m in c for c in results["comparisons"].values())]
+    metrics = [m for m in COMPARED + ("reward",) if any(m in c for c in results["comparisons"].values())]
     lines += ["", "Paired bootstrap over examples: difference a - b and its 95% interval (an interval that excludes 0 "
               "is a difference the sample supports).", "",
               "| a - b | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
@@ -106,7 +153,7 @@ def _log_to_parent(cfg: Config, folder: Path) -> None:
     results = json.loads((folder / "results.json").read_text())
     logged = client.get_run(cfg.tracking.parent_run_id).data.metrics  # a rerun after a kill logs nothing twice
     for name, v in results["systems"].items():
-        for k in ("rougeL", "la_rougeL", "semantic"):
+        for k in ("rougeL", "la_rougeL", "semantic", "reward"):
             key = f"report/{name.replace('+', '_')}/{k}"
             if k in v and key not in logged:
                 client.log_metric(cfg.tracking.parent_run_id, key, v[k])

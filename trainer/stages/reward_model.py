@@ -134,11 +134,11 @@ def prompt_ids_by_id(examples: list[Example], builder: PromptBuilder) -> dict[st
 
 
 def encode_pairs(pairs: list[Pair], prompts: dict[str, tuple[int, ...]], builder: PromptBuilder) -> list[EncodedPair]:
-    return [EncodedPair(prompts[p.id] + _summary_ids(builder, p.chosen), prompts[p.id] + _summary_ids(builder, p.rejected),
+    return [EncodedPair(prompts[p.id] + summary_ids(builder, p.chosen), prompts[p.id] + summary_ids(builder, p.rejected),
                         p.mode) for p in pairs]
 
 
-def _summary_ids(builder: PromptBuilder, text: str) -> tuple[int, ...]:
+def summary_ids(builder: PromptBuilder, text: str) -> tuple[int, ...]:
     return tuple(builder.response_ids(text)[0][:-1])  # drop EOS: see ScalarRewardModel
 
 
@@ -217,11 +217,11 @@ def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder
     prompts = prompt_ids_by_id(eval_ex, builder)
     pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES, seed=cfg.seed + 1)
     encoded = encode_pairs(pairs, prompts, builder)
-    refs = [prompts[e.id] + _summary_ids(builder, e.summary) for e in eval_ex]
+    refs = [prompts[e.id] + summary_ids(builder, e.summary) for e in eval_ex]
     mle = _mle_outputs(Path(cfg.output_dir))
     mle_prompts = prompt_ids_by_id(load_split(cfg.data, cfg.data.eval_split, cfg.data.max_eval_examples), builder) \
         if mle else {}
-    mle_seqs = {name: [mle_prompts[i] + _summary_ids(builder, t) for i, t in rows if i in mle_prompts]
+    mle_seqs = {name: [mle_prompts[i] + summary_ids(builder, t) for i, t in rows if i in mle_prompts]
                 for name, rows in mle.items()}
     everything = refs + [p.rejected for p in encoded] + [s for seqs in mle_seqs.values() for s in seqs]
     scores = score_sequences(engine, everything, cfg.rm.micro_batch_size, cfg.precision, dist, tokenizer.pad_token_id)
