@@ -173,7 +173,7 @@ def test_two_rank_zero3_evaluation_generates_what_one_process_does(tiny_sft_run,
     one = run_cli("evaluate", *common, f"output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     env = clean_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29519", "trainer/main.py", "evaluate", *common,
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29523", "trainer/main.py", "evaluate", *common,
            f"output_dir={tmp_path / 'two'}", "deepspeed.config=zero3"]
     two = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]

@@ -117,6 +117,29 @@ def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_ppo_stops_on_an_alarm_and_publishes_the_best_checkpoint(tiny_pipeline, tmp_path):
+    """ppo.stop_on_alarm: the first in-loop evaluation after an alarm (here: summaries shorter than
+    ppo.length_alarm_low x the references) stops the run, and the best dev checkpoint so far becomes
+    ppo/model; each evaluation is recorded once."""
+    src, _ = tiny_pipeline
+    out = tmp_path / "alarm"
+    proc = run_cli("ppo", "--config", str(TINY), f"output_dir={out}", f"ppo.init={src / 'sft' / 'model'}",
+                   f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.length_alarm_low=0.9", "ppo.stop_on_alarm=true",
+                   "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "ppo" / "history.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [1, 2]  # stopped at the iteration-2 evaluation of 4
+    assert "reference length, outside [0.9, 3.0]" in summary["alarms"][0]
+    assert "stopping at iteration 2 on alarm" in proc.stderr
+    assert [e["iteration"] for e in summary["evals"]] == [0, 2]
+    evals = {e["iteration"]: e["eval/policy/la_rougeL"] for e in summary["evals"]}
+    assert summary["best"]["iteration"] == max(evals, key=lambda k: (evals[k], -k))
+    assert summary["published"].endswith("best") and (out / "ppo" / "DONE.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
+
+
 @pytest.mark.distributed
 def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
     """`deepspeed --num_gpus 2 trainer/main.py ppo ... deepspeed.config=zero3` on CPU: the hybrid engine

@@ -303,7 +303,8 @@ def save(ctx: PPOContext, state: PPOState) -> Path:
 
 
 def finish(ctx: PPOContext, state: PPOState) -> None:
-    evaluate(ctx, state)
+    if not state.evals or state.evals[-1]["iteration"] != state.iteration:  # a stop on alarm has just evaluated
+        evaluate(ctx, state)
     final = ctx.stage_dir / "checkpoints" / f"step-{state.iteration:07d}"
     if not final.is_dir():
         final = save(ctx, state)
