@@ -222,3 +222,16 @@ def test_policy_negatives_from_the_sft_model(tiny_sft_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = re.search(r"training pairs \((.*?)\)", proc.stderr).group(1)
     assert re.search(r"policy (\d+)", counts) and int(re.search(r"policy (\d+)", counts).group(1)) > 0
+    # the samples are kept in the stage folder; a restarted stage reads them instead of sampling again
+    cache = tmp_path / "reward_model" / "policy_samples.jsonl"
+    rows = [json.loads(x) for x in cache.read_text().splitlines()]
+    assert len(rows) == 32 and all(isinstance(r["prediction"], str) for r in rows)
+    again = tmp_path / "again"
+    (again / "reward_model").mkdir(parents=True)
+    (again / "reward_model" / "policy_samples.jsonl").write_text(
+        "".join(json.dumps({"id": r["id"], "prediction": "zzz qqq"}) + "\n" for r in rows))
+    proc = run_cli("reward-model", "--config", str(TINY), f"output_dir={again}", f"rm.init={model}",
+                   f"rm.policy_negatives_model={model}", "rm.max_steps=2", "rm.warmup_steps=0", "rm.eval_examples=2",
+                   "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "policy 32" in re.search(r"training pairs \((.*?)\)", proc.stderr).group(1)  # every cached sample scores 0

@@ -27,6 +27,7 @@ from trainer.algorithms.losses import auroc, pairwise_loss
 from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from trainer.data import sampling
 from trainer.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
+from trainer.data.predictions import read_predictions
 from trainer.data.prompts import PromptBuilder
 from trainer.data.records import Example, load_split
 from trainer.data.sampling import micro_batch_indices
@@ -60,7 +61,7 @@ def run(cfg: Config) -> Path:
     pairs = make_pairs(train_ex, negative_context(tokenizer, train_ex), cfg.rm.mode_weights,
                        per_example=cfg.rm.negatives_per_example, seed=cfg.seed)
     if cfg.rm.policy_negatives_model:
-        pairs += policy_negatives(cfg, train_ex, dist)
+        pairs += policy_negatives(cfg, train_ex, dist, stage_dir / "policy_samples.jsonl")
     train = encode_pairs(pairs, prompt_ids_by_id(train_ex, builder), builder)
     plan = plan_batches(cfg.rm.batch_size, cfg.rm.micro_batch_size, dist.world_size, field_prefix="rm")
     total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
@@ -120,12 +121,22 @@ def negative_context(tokenizer, examples: list[Example]) -> NegativeContext:
                            count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
-def policy_negatives(cfg: Config, examples: list[Example], dist) -> list[Pair]:
-    """The policy's own sampled summaries whose ROUGE-L against the reference is low."""
-    gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
-    out = generate_examples(cfg.rm.policy_negatives_model, cfg, examples, dist, gen, desc="policy samples")
-    scores = metrics.rouge_per_example(out, [list(e.references) for e in examples])["rougeL"]
-    return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, out, scores)
+def policy_negatives(cfg: Config, examples: list[Example], dist, cache: Path) -> list[Pair]:
+    """The policy's own sampled summaries whose ROUGE-L against the reference is low. The samples are
+    drawn once (seeded) and kept in `cache`, so a resumed stage trains on the same pairs without
+    sampling again."""
+    if cache.is_file():
+        texts = read_predictions(cache, examples)
+    else:
+        torch.manual_seed(cfg.seed * 1_000 + dist.rank)  # each rank samples its own shard
+        gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
+        texts = generate_examples(cfg.rm.policy_negatives_model, cfg, examples, dist, gen, desc="policy samples")
+        if dist.is_main:
+            checkpoint.write_text_atomic(cache, "".join(json.dumps({"id": e.id, "prediction": t}) + "\n"
+                                                        for e, t in zip(examples, texts)))
+        distributed.barrier()
+    scores = metrics.rouge_per_example(texts, [list(e.references) for e in examples])["rougeL"]
+    return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, texts, scores)
             if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
 
 
