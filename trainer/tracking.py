@@ -137,7 +137,7 @@ def _log_params_on_resume(client, run_id: str, params: dict[str, Any]) -> None:
     import re
 
     old = client.get_run(run_id).data.params
-    new = dict(item for chunk in _chunks(params, max(len(params), 1)) for item in chunk.items())
+    new = _param_strings(params)
     resumes = sorted({int(m.group(1)) for key in old if (m := re.match(r"resume(\d+)/", key))})
     latest = dict(old)  # each setting's value as last recorded: the newest resume<j>/ record wins
     for j in resumes:
@@ -159,8 +159,13 @@ def _param(key: str, value: str):
     return Param(key, value)
 
 
+def _param_strings(d: dict[str, Any]) -> dict[str, str]:
+    """Values as MLflow stores params: strings of at most 6000 characters, None as "null"."""
+    return {k: "null" if v is None else str(v)[:6000] for k, v in d.items()}
+
+
 def _chunks(d: dict[str, Any], n: int):
-    items = [(k, "null" if v is None else str(v)[:6000]) for k, v in d.items()]
+    items = list(_param_strings(d).items())
     for i in range(0, len(items), n):
         yield dict(items[i : i + n])
 
