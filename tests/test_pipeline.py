@@ -26,6 +26,7 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     for system in ("| mle |", "| mle+post |", "| rl |", "| rl+post |"):
         assert system in report
     assert "| rl - mle |" in report and "examples where RL and MLE differ most" in report
+    assert "8 examples drawn by a fixed rule" in report  # all 8 of the tiny split
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["data"]["split"] == "test" and results["n_examples"] == 8
     assert {"rl - mle", "rl - mle+post", "rl+post - mle+post"} <= set(results["comparisons"])

@@ -8,6 +8,7 @@ metrics.png, curves.png) and logged to the pipeline's parent run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import replace
@@ -23,6 +24,7 @@ COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "m
 TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "reward", "len/pred_words_mean", "len/ratio_mean",
          "repetition_share", "unfinished_share")
 EXAMPLES = 5
+DRAWN = 10
 
 
 def run(cfg: Config) -> dict:
@@ -127,18 +129,30 @@ def _label(key: str) -> str:
 
 
 def _examples(folder: Path) -> str:
-    """The examples where raw RL and raw MLE differ most in ROUGE-L (a fixed rule, not a choice by hand)."""
+    """Side-by-side examples by two fixed rules, neither a choice by hand: the DRAWN examples with the
+    smallest sha256("example:" + id) (a fixed random draw), and the EXAMPLES where raw RL and raw MLE
+    differ most in ROUGE-L (either way)."""
     rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text(encoding="utf-8").split("\n") if x.strip()]
     if not rows or "rl" not in rows[0] or "mle" not in rows[0]:
         return ""
-    rows.sort(key=lambda r: -abs(r["rougeL"]["rl"] - r["rougeL"]["mle"]))
-    parts = [f"## The {EXAMPLES} examples where RL and MLE differ most in ROUGE-L", ""]
-    for r in rows[:EXAMPLES]:
+    drawn = sorted(rows, key=lambda r: drawn_key(r["id"]))[:DRAWN]
+    differ = sorted(rows, key=lambda r: -abs(r["rougeL"]["rl"] - r["rougeL"]["mle"]))[:EXAMPLES]
+    return (_example_section(f"{len(drawn)} examples drawn by a fixed rule (smallest sha256(\"example:\" + id))", drawn)
+            + _example_section(f"The {len(differ)} examples where RL and MLE differ most in ROUGE-L", differ))
+
+
+def drawn_key(example_id: str) -> str:
+    return hashlib.sha256(f"example:{example_id}".encode("utf-8")).hexdigest()
+
+
+def _example_section(title: str, rows: list[dict]) -> str:
+    parts = [f"## {title}", ""]
+    for r in rows:
         parts += [f"### {r['id']}", "", f"- **reference**: {r['reference']}"]
         parts += [f"- **{n}** (ROUGE-L {r['rougeL'][n]:.3f}): {r[n]}" for n in ("untuned", "mle", "mle+post", "rl", "rl+post")
                   if n in r]
         parts.append("")
-    return "\n".join(parts)
+    return "\n".join(parts) + "\n"
 
 
 def _log_to_parent(cfg: Config, folder: Path) -> None:
