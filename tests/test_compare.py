@@ -3,6 +3,7 @@ compared by run id, the comparison read back through `mlflow.search_runs`. The s
 its PID (process group) at the end."""
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import TINY, mlflow_server_on, run_cli
@@ -94,3 +95,16 @@ def test_compare_reads_evaluation_folders(tmp_path):
     delta = next(d for k, d in results["comparisons"].items() if k.endswith(f"- {next(iter(results['systems']))}")
                  and ":model - " in k and "+post" not in k.split(" - ")[0])
     assert delta["rougeL"]["ci_high"] < 0  # the truncated system is worse, and the interval says so
+
+
+def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
+    from trainer.stages.compare import Evaluation, unique_labels
+
+    def ev(path, label=None):  # a folder, or (with a label) an MLflow run id
+        if label is None:
+            (tmp_path / path).mkdir(parents=True, exist_ok=True)
+        return Evaluation(label or Path(path).name, str(tmp_path / path), None, (), {}, (), {})
+
+    got = unique_labels([ev("main/eval/rl"), ev("abl/a/eval/rl"), ev("abl/b/eval/rl"), ev("x/eval/sft"),
+                         ev("y", label="run"), ev("z", label="run")])
+    assert [e.label for e in got] == ["main/eval/rl", "a/eval/rl", "b/eval/rl", "sft", "run#1", "run#2"]

@@ -20,7 +20,7 @@ import hashlib
 import html
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ def run(cfg: Config, sources: list[str]) -> dict:
     if len(sources) < 1:
         raise UserError("lastmile compare needs at least one SOURCE (two systems in all): evaluation folders, MLflow "
                         "run ids, or pipeline:<id>.")
-    evaluations = [e for s in sources for e in load_source(cfg, s)]
+    evaluations = unique_labels([e for s in sources for e in load_source(cfg, s)])
     systems = [(e, name) for e in evaluations for name in e.predictions]
     if len(systems) < 2:
         raise UserError(f"{', '.join(sources)} hold{'s' if len(sources) == 1 else ''} only one system. Give two or "
@@ -77,6 +77,24 @@ def run(cfg: Config, sources: list[str]) -> dict:
             tracker.log_artifact(folder / name)
     print(f"Compared {len(systems)} systems on {len(shared)} shared examples: {folder / 'report.md'}", flush=True)
     return result
+
+
+def unique_labels(evaluations: list[Evaluation]) -> list[Evaluation]:
+    """Sources with the same label (e.g. two `.../eval/rl` folders) get the shortest path tail that tells
+    them apart (`abl_a/eval/rl`), else a number; their systems would otherwise overwrite each other."""
+    labels = [e.label for e in evaluations]
+    for depth in range(2, 6):
+        dup = {x for x in labels if labels.count(x) > 1}
+        if not dup:
+            break
+        labels = ["/".join(Path(e.source).parts[-depth:]) if x in dup and Path(e.source).is_dir() else x
+                  for e, x in zip(evaluations, labels)]
+    dup, seen = {x for x in labels if labels.count(x) > 1}, {}
+    for i, x in enumerate(labels):
+        if x in dup:
+            seen[x] = seen.get(x, 0) + 1
+            labels[i] = f"{x}#{seen[x]}"
+    return [replace(e, label=x) for e, x in zip(evaluations, labels)]
 
 
 def load_source(cfg: Config, source: str) -> list[Evaluation]:
