@@ -108,3 +108,30 @@ def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
     got = unique_labels([ev("main/eval/rl"), ev("abl/a/eval/rl"), ev("abl/b/eval/rl"), ev("x/eval/sft"),
                          ev("y", label="run"), ev("z", label="run")])
     assert [e.label for e in got] == ["main/eval/rl", "a/eval/rl", "b/eval/rl", "sft", "run#1", "run#2"]
+
+
+def test_training_curves_of_compared_rl_systems(tmp_path):
+    from trainer.stages.compare import Evaluation, training_curves
+
+    evaluations = []
+    for arm, slope in (("a", 0.01), ("b", -0.01)):
+        stage = tmp_path / arm / "ppo"
+        (stage / "model").mkdir(parents=True)
+        (stage / "history.json").write_text(json.dumps({
+            "history": [{"iteration": i, "reward/score_mean": slope * i} for i in range(1, 4)],
+            "evals": [{"iteration": i, "eval/policy/la_rougeL": 0.3 + slope * i} for i in (2, 3)]}))
+        ev = tmp_path / arm / "eval" / "rl"
+        ev.mkdir(parents=True)
+        (ev / "results.json").write_text(json.dumps({"systems": {"model": {"source": str(stage / "model")},
+                                                                 "model+post": {"source": str(stage / "model")}}}))
+        evaluations.append(Evaluation(arm, str(ev), None, (), {"model": (), "model+post": ()}, (), {}))
+    sft = tmp_path / "sft_eval"  # a system without a PPO stage draws nothing
+    sft.mkdir()
+    (sft / "results.json").write_text(json.dumps({"systems": {"model": {"source": str(tmp_path / "sft" / "model")}}}))
+    evaluations.append(Evaluation("sft", str(sft), None, (), {"model": ()}, (), {}))
+
+    panels = training_curves(evaluations)
+    assert set(panels) == {"dev la-ROUGE-L (greedy)", "rollout reward (its own definition)"}
+    got = {k: [(i, round(v, 6)) for i, v in pts] for k, pts in panels["dev la-ROUGE-L (greedy)"].items()}
+    assert got == {"a": [(2, 0.32), (3, 0.33)], "b": [(2, 0.28), (3, 0.27)]}
+    assert [p[0] for p in panels["rollout reward (its own definition)"]["b"]] == [1, 2, 3]

@@ -28,7 +28,7 @@ import numpy as np
 from trainer import checkpoint, metrics, tracking
 from trainer.config import Config
 from trainer.errors import UserError
-from trainer.plots import plot_metric_bars
+from trainer.plots import plot_grid, plot_metric_bars
 from trainer.stages.evaluate import COMPARED, mlflow_name
 
 REPORTED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
@@ -61,11 +61,14 @@ def run(cfg: Config, sources: list[str]) -> dict:
     folder = Path(cfg.output_dir) / "compare" / hashlib.sha256("\n".join(sources).encode()).hexdigest()[:10]
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint.write_json_atomic(folder / "results.json", result)
-    md = markdown(result)
+    md = markdown(result) + (CURVES_SECTION if training_curves(evaluations) else "")
     (folder / "report.md").write_text(md, encoding="utf-8")
     (folder / "report.html").write_text(to_html(md), encoding="utf-8")
     plot_metric_bars(folder / "metrics.png", {k: {m: v[m] for m in ("rougeL", "la_rougeL", "semantic") if m in v}
                                                for k, v in result["systems"].items()}, title="Compared systems")
+    curves = training_curves(evaluations)
+    if curves:
+        plot_grid(folder / "curves.png", curves, title="RL training of the compared systems (in-loop: dev split)")
     tracker = tracking.start(cfg, stage="compare", is_main=True, run_name="compare:" + " vs ".join(
         e.label for e in evaluations))
     with tracking.closing(tracker):
@@ -73,10 +76,46 @@ def run(cfg: Config, sources: list[str]) -> dict:
                           "lastmile.compared_sources": ",".join(sources)[:5000]})
         flat = {f"compare/{mlflow_name(k)}/{m}": v for k, vals in result["systems"].items() for m, v in vals.items()}
         tracker.log_metrics(flat)
-        for name in ("report.md", "report.html", "results.json", "metrics.png"):
-            tracker.log_artifact(folder / name)
+        for name in ("report.md", "report.html", "results.json", "metrics.png", "curves.png"):
+            if (folder / name).is_file():
+                tracker.log_artifact(folder / name)
     print(f"Compared {len(systems)} systems on {len(shared)} shared examples: {folder / 'report.md'}", flush=True)
     return result
+
+
+CURVES_SECTION = ("\n## Training curves\n\nIn-loop evaluations and rollouts of every compared system that a PPO "
+                  "stage produced (its history.json).\n\n![training curves](curves.png)\n")
+CURVE_PANELS = (  # panel title, history list, key
+    ("dev la-ROUGE-L (greedy)", "evals", "eval/policy/la_rougeL"),
+    ("dev ROUGE-L (greedy)", "evals", "eval/policy/rougeL"),
+    ("dev reward-model score (its own RM)", "evals", "eval/policy/reward"),
+    ("dev KL to reference (nats/seq)", "evals", "eval/policy/kl"),
+    ("rollout reward (its own definition)", "history", "reward/score_mean"),
+    ("rollout response tokens", "history", "rollout/response_tokens_mean"),
+)
+
+
+def training_curves(evaluations: list[Evaluation]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Panel -> system -> (iteration, value) for every compared folder's system made by a PPO stage (the
+    model folder's stage holds history.json). Empty when none was."""
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {title: {} for title, _, _ in CURVE_PANELS}
+    seen: set[Path] = set()
+    for e in evaluations:
+        res = Path(e.source) / "results.json"
+        if not res.is_file():
+            continue
+        for name, system in json.loads(res.read_text()).get("systems", {}).items():
+            hist = Path(str(system.get("source", ""))).parent / "history.json"
+            if name.endswith("+post") or hist in seen or not hist.is_file():
+                continue
+            seen.add(hist)
+            summary = json.loads(hist.read_text())
+            label = e.label if len(e.predictions) <= 2 else f"{e.label}:{name}"
+            for title, rows, key in CURVE_PANELS:
+                points = [(r["iteration"], r[key]) for r in summary.get(rows, []) if key in r]
+                if points:
+                    panels[title][label] = points
+    return {t: c for t, c in panels.items() if c}
 
 
 def unique_labels(evaluations: list[Evaluation]) -> list[Evaluation]:
