@@ -50,6 +50,7 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     children = runs[runs["tags.mlflow.parentRunId"] == pid]
     names = sorted(children["tags.mlflow.runName"])
     assert "ppo" in names and "evaluate:report" in names
+    assert "sft" in names  # run before the pipeline (tiny_sft_run), then nested under it
     # a stage finished earlier with the same identity is skipped, not re-run under the pipeline
     assert "reward_model" in names or "Reward model already complete" in proc.stdout
     assert (children["status"] == "FINISHED").all()

@@ -31,6 +31,8 @@ def run(cfg: Config) -> dict:
         for stage in (sft, reward_model, ppo):
             stage.run(cfg)
             gc.collect()  # the finished stage's engines and models
+            if parent:
+                _adopt(cfg, stage.__name__.rsplit(".", 1)[-1], parent)
         results = report.run(cfg)
         status = "FINISHED"
         return results
@@ -66,6 +68,26 @@ def _open_parent(cfg: Config) -> str:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     checkpoint.write_json_atomic(record, {"run_id": run.info.run_id})
     return run.info.run_id
+
+
+def _adopt(cfg: Config, stage: str, parent: str) -> None:
+    """A stage finished before the pipeline started (e.g. `lastmile sft` run alone, then `lastmile
+    pipeline` in the same output_dir) has a run of its own: nest it under the parent run, so that the
+    pipeline's run shows every stage. Runs in another store, or already nested, are left as they are."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = tracking.upstream_run_id(cfg.output_dir, stage)
+    if run_id is None:
+        return
+    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
+    try:
+        tags = client.get_run(run_id).data.tags
+    except MlflowException:
+        return
+    if "mlflow.parentRunId" not in tags:
+        client.set_tag(run_id, "mlflow.parentRunId", parent)
+        client.set_tag(run_id, "lastmile.adopted_by_pipeline", "true")
 
 
 def _close_parent(cfg: Config, run_id: str, status: str) -> None:
