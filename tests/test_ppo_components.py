@@ -195,3 +195,27 @@ def test_non_finite_rewards_skip_the_rollout_then_stop_the_run(dist):
     with pytest.raises(UserError, match=r"2 rollouts in a row had non-finite rewards or log-probs \(limit "
                                          r"ppo.max_bad_batches=2\)"):
         _finite(bad, state, max_bad=2)
+
+
+def test_critic_starts_in_the_reward_units():
+    """The critic from the reward model predicts rm_weight * (score - mean) / std, the reward's rm term,
+    not the raw score (which would overestimate every return by about mean / std)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from trainer.models import ScalarRewardModel, ValueModel
+
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                    pad_token_id=0)).eval()
+    ids = torch.randint(1, 50, (3, 6))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    raw = ScalarRewardModel(rm)(ids, mask)  # (3,): the score at the last token
+    mean, std, weight = 5.2, 1.2, 2.0
+    critic = ValueModel(rm, scale=weight / std, shift=-weight * mean / std)
+    with torch.no_grad():
+        values = critic(ids, mask)  # (3, 6)
+    assert values.shape == (3, 6)
+    torch.testing.assert_close(values[:, -1], weight * (raw - mean) / std, rtol=1e-4, atol=1e-4)
+    assert [n for n, p in critic.named_parameters() if p.requires_grad and n == "shift"] == ["shift"]
+    torch.testing.assert_close(ValueModel(rm)(ids, mask)[:, -1], raw, rtol=1e-4, atol=1e-4)  # the default: raw

@@ -317,18 +317,24 @@ class ScalarRewardModel(torch.nn.Module):
 class ValueModel(torch.nn.Module):
     """A critic: the sequence-classification head of a reward model applied at every position, so
     values (B, T) estimate the return from each prefix (initialized from the reward model, as in
-    Ouyang et al. 2022)."""
+    Ouyang et al. 2022). Values are `scale * head + shift`, in the units of the reward: PPO's reward
+    term is rm_weight * (score - mean) / std, so the critic starts with scale = rm_weight / std and
+    shift = -rm_weight * mean / std (a trained scalar). A critic that starts on the raw score scale
+    overestimates every return by about mean / std; GAE then puts the whole error on the last tokens
+    and the policy learns to avoid ending its summaries."""
 
-    def __init__(self, rm: torch.nn.Module):
+    def __init__(self, rm: torch.nn.Module, *, scale: float = 1.0, shift: float = 0.0):
         super().__init__()
         self.rm = rm
+        self.register_buffer("scale", torch.tensor(float(scale)), persistent=True)
+        self.shift = torch.nn.Parameter(torch.tensor(float(shift)))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) bool (left or right padded) -> values (B, T) fp32."""
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
                                     position_ids=position_ids, use_cache=False).last_hidden_state
-        return self.rm.score(hidden).squeeze(-1).float()
+        return self.rm.score(hidden).squeeze(-1).float() * self.scale + self.shift.float()
 
 
 def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int, *,

@@ -126,7 +126,9 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     if o.advantage == "gae":
         ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden)
         critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_critic)
-        critic = distributed.build_engine(ValueModel(critic_model), ds_critic, o.critic_optim(), total_steps=total_steps)
+        stats, w = _reward_stats(rm_path), o.reward.rm_weight  # values in the reward's units (see ValueModel)
+        critic_model = ValueModel(critic_model, scale=w / stats["std"], shift=-w * stats["mean"] / stats["std"])
+        critic = distributed.build_engine(critic_model, ds_critic, o.critic_optim(), total_steps=total_steps)
     hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=o.generation_gather,
                           world_size=dist.world_size)
     models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
