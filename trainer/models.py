@@ -327,7 +327,7 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         self.rm = rm
         self.register_buffer("scale", torch.tensor(float(scale)), persistent=True)
-        self.shift = torch.nn.Parameter(torch.tensor(float(shift)))
+        self.shift = torch.nn.Parameter(torch.tensor([float(shift)]))  # (1,): ZeRO-3 partitions no 0-d tensors
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) bool (left or right padded) -> values (B, T) fp32."""
