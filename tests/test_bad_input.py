@@ -224,3 +224,23 @@ def test_second_run_on_one_output_dir_is_refused(tmp_path, capsys):
         code = main(["sft", "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false"])
     err = capsys.readouterr().err
     assert code == 2 and "is in use by another lastmile run (pid 4242)" in err and "Traceback" not in err
+
+
+def test_stale_torch_extension_build_lock_is_removed(tmp_path):
+    """A process killed while DeepSpeed builds a CPU op leaves `<op>/lock`; torch would wait on it
+    forever. An old lock is removed, a fresh one (a build in progress) is kept."""
+    import os
+    import time
+
+    from trainer.preflight import clear_stale_build_locks
+
+    stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    fresh = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks(tmp_path, older_than_s=600) == [stale]
+    assert not stale.exists() and fresh.exists()
+    assert clear_stale_build_locks(tmp_path / "absent") == []

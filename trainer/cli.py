@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         preflight.check(cfg, args.command)
         preflight.lock_output_dir(cfg)
+        preflight.clear_stale_build_locks()
         if args.command == "sft":
             from trainer.stages import sft
 

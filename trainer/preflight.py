@@ -108,6 +108,38 @@ def _check_tracking(cfg: Config) -> None:
                 raise UserError(f"tracking.uri ({uri}): {db.parent} is not writable. Point it at a writable folder.")
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU ops build in about 30 s here
+
+
+def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
+    """Remove torch extension build locks (`<TORCH_EXTENSIONS_DIR>/*/<op>/lock`) left by a process killed
+    while building an op (DeepSpeed builds its CPU ops on first use). torch waits on such a lock
+    forever, with no message. A lock younger than `older_than_s` may belong to a build in progress and
+    is left alone. Returns the removed paths (each logged)."""
+    import logging
+    import time
+
+    root = root or Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    removed = []
+    for lock in root.glob("*/*/lock") if root.is_dir() else []:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > older_than_s:
+                lock.unlink()
+        except OSError:
+            continue
+        if age <= older_than_s:
+            logging.getLogger(__name__).warning(
+                "%s exists (%.0f s old): torch waits until another process finishes building that op. If none "
+                "is building (one was killed), delete the file; lastmile removes it when older than %.0f s",
+                lock, age, older_than_s)
+        else:
+            removed.append(lock)
+            logging.getLogger(__name__).warning("removed %s: a build lock %.0f minutes old, left by a process killed "
+                                                "while building that op; the op is built again", lock, age / 60)
+    return removed
+
+
 def lock_output_dir(cfg: Config) -> None:
     """Rank 0 holds an exclusive lock on <output_dir>/.lastmile.lock until it exits."""
     # before torch.distributed starts: RANK (deepspeed, torchrun) or SLURM_PROCID (srun) says which rank we are
