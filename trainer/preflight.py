@@ -121,22 +121,21 @@ def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = S
 
     root = root or Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     removed = []
+    log = logging.getLogger(__name__)
     for lock in root.glob("*/*/lock") if root.is_dir() else []:
         try:
             age = time.time() - lock.stat().st_mtime
-            if age > older_than_s:
-                lock.unlink()
+            if age <= older_than_s:
+                log.warning("%s exists (%.0f s old): torch waits until another process finishes building that op. "
+                            "If none is building (one was killed), delete the file; lastmile removes it when older "
+                            "than %.0f s", lock, age, older_than_s)
+                continue
+            lock.unlink()
         except OSError:
             continue
-        if age <= older_than_s:
-            logging.getLogger(__name__).warning(
-                "%s exists (%.0f s old): torch waits until another process finishes building that op. If none "
-                "is building (one was killed), delete the file; lastmile removes it when older than %.0f s",
-                lock, age, older_than_s)
-        else:
-            removed.append(lock)
-            logging.getLogger(__name__).warning("removed %s: a build lock %.0f minutes old, left by a process killed "
-                                                "while building that op; the op is built again", lock, age / 60)
+        removed.append(lock)
+        log.warning("removed %s: a build lock %.0f minutes old, left by a process killed while building that op; "
+                    "the op is built again", lock, age / 60)
     return removed
 
 

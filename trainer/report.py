@@ -60,6 +60,7 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
     from trainer.data.prompts import PromptBuilder
     from trainer.data.records import load_split
     from trainer.models import ScalarRewardModel, load_reward_backbone, load_tokenizer
+    from trainer.stages.ppo_setup import reward_stats
     from trainer.stages.reward_model import collate_sequences, prompt_ids_by_id, summary_ids
 
     device = distributed.setup().device
@@ -69,8 +70,7 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
     prompts = prompt_ids_by_id(examples, builder)
     model = ScalarRewardModel(load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id)[0])
     model.to(device).eval()
-    stats = json.loads((rm_path / "reward_stats.json").read_text()) if (rm_path / "reward_stats.json").is_file() \
-        else {"mean": 0.0, "std": 1.0}
+    stats = reward_stats(str(rm_path))
     micro = cfg.eval.generation.batch_size
     for name in results["systems"]:
         texts = read_predictions(folder / f"predictions-{name}.jsonl", examples)
@@ -80,7 +80,7 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
             ids, mask = collate_sequences(seqs[i : i + micro], tokenizer.pad_token_id)
             with torch.no_grad(), distributed.autocast(cfg.precision, device):
                 raw += model(ids.to(device), mask.to(device)).tolist()
-        scores = [(r - stats["mean"]) / (stats["std"] or 1.0) for r in raw]
+        scores = [(r - stats["mean"]) / stats["std"] for r in raw]
         results["per_example"][name]["reward"] = scores
         results["systems"][name]["reward"] = sum(scores) / len(scores)
     for comp, by_metric in results["comparisons"].items():

@@ -122,17 +122,17 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     ref = distributed.inference_engine(TokenLogprobModel(ref_lm, logprob_impl=o.logprob_impl), ds_actor, dist.device)
     rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_actor)
     rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds_actor, dist.device)
-    critic = None
+    critic, stats = None, reward_stats(rm_path)
     if o.advantage == "gae":
         ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden)
         critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_critic)
-        stats, w = _reward_stats(rm_path), o.reward.rm_weight  # values in the reward's units (see ValueModel)
+        w = o.reward.rm_weight  # values in the reward's units (see ValueModel)
         critic_model = ValueModel(critic_model, scale=w / stats["std"], shift=-w * stats["mean"] / stats["std"])
         critic = distributed.build_engine(critic_model, ds_critic, o.critic_optim(), total_steps=total_steps)
     hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=o.generation_gather,
                           world_size=dist.world_size)
     models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
-                           rm_stats=_reward_stats(rm_path), device=dist.device, precision=cfg.precision,
+                           rm_stats=stats, device=dist.device, precision=cfg.precision,
                            micro_batch=o.micro_batch_size, logprob_impl=o.logprob_impl)
     runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
                "logprob_impl": resolve_impl(o.logprob_impl, dist.device), "init": init, "reward_model": rm_path,
@@ -142,7 +142,7 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime)
 
 
-def _reward_stats(rm_path: str) -> dict[str, float]:
+def reward_stats(rm_path: str) -> dict[str, float]:
     path = Path(rm_path) / "reward_stats.json"
     if not path.is_file():
         log.warning("%s has no reward_stats.json; reward-model scores are used unnormalized", rm_path)
