@@ -9,7 +9,8 @@
 # 1. main: `lastmile pipeline` on trainer/configs/scitldr.yaml (SFT, reward model, PPO, report on
 #    validation@report), then the main RL and MLE models evaluated on validation@dev.
 # 2. ablations, each one PPO run on the main run's SFT model, changing one thing, evaluated on
-#    validation@dev and compared with the main RL model there (`lastmile compare`):
+#    validation@dev and compared there (`lastmile compare`) with the main RL model, and with the MLE
+#    model (its dev predictions scored again as a predictions file, no generation):
 #      rm_only          reward model alone: no la-ROUGE-L term
 #      no_length        no length penalty
 #      no_policy_negs   a reward model trained without the policy's own samples as negatives
@@ -59,8 +60,15 @@ if [[ " $STEPS " == *" ablations "* ]]; then
   "$LASTMILE" reward-model --config "$CONFIG" output_dir=$ABL/no_policy_negs "$TRACK" rm.init=$MAIN/sft/model \
     rm.policy_negatives_model=null
   arm no_policy_negs ppo.init=$MAIN/sft/model ppo.reward.model=$ABL/no_policy_negs/reward_model/model
+  ARMS="$ABL/rm_only/eval/rl $ABL/no_length/eval/rl $ABL/grpo/eval/rl $ABL/no_policy_negs/eval/rl"
   say "compare every arm with the main RL model on the dev part"
-  "$LASTMILE" compare --config "$CONFIG" output_dir=$ABL "$TRACK" $MAIN/eval/rl_vs_sft \
-    $ABL/rm_only/eval/rl $ABL/no_length/eval/rl $ABL/grpo/eval/rl $ABL/no_policy_negs/eval/rl
+  # shellcheck disable=SC2086  # ARMS is four folders
+  "$LASTMILE" compare --config "$CONFIG" output_dir=$ABL "$TRACK" $MAIN/eval/rl_vs_sft $ARMS
+  say "MLE on the dev part, scored from its saved predictions (no generation), then every arm against it"
+  "$LASTMILE" evaluate --config "$CONFIG" output_dir=$ABL/mle "$TRACK" "$DEV" \
+    eval.predictions=$MAIN/eval/rl_vs_sft/predictions-baseline.jsonl
+  # shellcheck disable=SC2086
+  "$LASTMILE" compare --config "$CONFIG" output_dir=$ABL "$TRACK" "$(ls -d $ABL/mle/eval/predictions-*)" \
+    $MAIN/eval/rl_vs_sft $ARMS
 fi
 say "done"

@@ -135,3 +135,30 @@ def test_training_curves_of_compared_rl_systems(tmp_path):
     got = {k: [(i, round(v, 6)) for i, v in pts] for k, pts in panels["dev la-ROUGE-L (greedy)"].items()}
     assert got == {"a": [(2, 0.32), (3, 0.33)], "b": [(2, 0.28), (3, 0.27)]}
     assert [p[0] for p in panels["rollout reward (its own definition)"]["b"]] == [1, 2, 3]
+
+
+def test_compare_reproduces_the_intervals_of_one_evaluation(tmp_path):
+    """Two systems of one evaluation, compared again: the same paired resamples, so the same interval
+    as `lastmile evaluate` wrote (negated: compare subtracts the first system)."""
+    import numpy as np
+
+    from trainer import metrics
+    from trainer.config import Config
+    from trainer.stages.compare import Evaluation, compare, shared_ids
+
+    rng = np.random.default_rng(3)
+    ids = tuple(f"p{k}" for k in rng.permutation(40))  # not in sorted order
+    scores = {n: {m: list(rng.random(40) + (0.05 if n == "model" else 0)) for m in ("rougeL", "la_rougeL", "semantic")}
+              for n in ("model", "baseline")}
+    one = Evaluation("ev", str(tmp_path), None, ids, {n: ("x",) * 40 for n in scores}, ("r",) * 40, scores)
+    other = Evaluation("other", str(tmp_path), None, ids[::-1][:30], {"model": ("x",) * 30}, ("r",) * 30,
+                       {"model": {m: v[:30] for m, v in scores["model"].items()}})
+    assert shared_ids([one, other]) == [i for i in ids if i in set(ids[::-1][:30])]
+
+    cfg = Config()
+    got = compare([one], shared_ids([one]), cfg)["comparisons"]["ev:baseline - ev:model"]
+    for m in ("rougeL", "la_rougeL", "semantic"):  # evaluate's "model - baseline"
+        want = metrics.paired_bootstrap(scores["baseline"][m], scores["model"][m],
+                                        samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+        assert got[m]["mean_diff"] == pytest.approx(-want["mean_diff"])
+        assert (got[m]["ci_low"], got[m]["ci_high"]) == pytest.approx((-want["ci_high"], -want["ci_low"]))

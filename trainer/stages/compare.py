@@ -54,7 +54,7 @@ def run(cfg: Config, sources: list[str]) -> dict:
     if len(systems) < 2:
         raise UserError(f"{', '.join(sources)} hold{'s' if len(sources) == 1 else ''} only one system. Give two or "
                         "more evaluations to compare.")
-    shared = sorted(set.intersection(*(set(e.ids) for e in evaluations)))
+    shared = shared_ids(evaluations)
     if not shared:
         raise UserError(f"{', '.join(sources)} share no evaluation example ids. Compare evaluations of the same data.")
     result = compare(evaluations, shared, cfg)
@@ -134,6 +134,13 @@ def unique_labels(evaluations: list[Evaluation]) -> list[Evaluation]:
             seen[x] = seen.get(x, 0) + 1
             labels[i] = f"{x}#{seen[x]}"
     return [replace(e, label=x) for e, x in zip(evaluations, labels)]
+
+
+def shared_ids(evaluations: list[Evaluation]) -> list[str]:
+    """The example ids every source holds, in the first source's order: resampled in that order, two
+    systems of one evaluation get the very intervals `lastmile evaluate` reported for them."""
+    common = set.intersection(*(set(e.ids) for e in evaluations))
+    return [i for i in evaluations[0].ids if i in common]
 
 
 def load_source(cfg: Config, source: str) -> list[Evaluation]:
