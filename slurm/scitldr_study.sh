@@ -15,6 +15,8 @@
 #      no_length        no length penalty
 #      no_policy_negs   a reward model trained without the policy's own samples as negatives
 #      grpo             critic-free group estimator (4 prompts x 4 samples) instead of GAE with a critic
+# 3. confirm: the reward the ablations chose on the dev part (no length penalty), its model evaluated
+#    once on validation@report against the report's MLE summaries.
 # All runs log to the main run's MLflow store (runs/scitldr/mlflow.db).
 #SBATCH --job-name=lastmile-study
 #SBATCH --nodes=1
@@ -29,7 +31,7 @@ LASTMILE=${LASTMILE:-$VENV/bin/lastmile}
 CONFIG=trainer/configs/scitldr.yaml
 MAIN=runs/scitldr
 ABL=runs/scitldr-ablations
-STEPS=${STUDY_STEPS:-main ablations}
+STEPS=${STUDY_STEPS:-main ablations confirm}
 TRACK="tracking.uri=sqlite:///$(pwd)/$MAIN/mlflow.db"
 DEV="data.eval_split=validation@dev"
 FROM_MAIN="ppo.init=$MAIN/sft/model ppo.reward.model=$MAIN/reward_model/model"
@@ -70,5 +72,15 @@ if [[ " $STEPS " == *" ablations "* ]]; then
   # shellcheck disable=SC2086
   "$LASTMILE" compare --config "$CONFIG" output_dir=$ABL "$TRACK" "$(ls -d $ABL/mle/eval/predictions-*)" \
     $MAIN/eval/rl_vs_sft $ARMS
+fi
+
+if [[ " $STEPS " == *" confirm "* ]]; then
+  # The ablations on the dev part chose the reward without the length penalty (docs/results.md); its
+  # model is evaluated once on the report part against the report's MLE summaries (not generated again).
+  say "confirm: the dev-chosen no_length model on the report part"
+  "$LASTMILE" evaluate --config "$CONFIG" output_dir=$ABL/no_length "$TRACK" eval.model=$ABL/no_length/ppo/model \
+    eval.baseline_predictions=$MAIN/report/predictions-mle.jsonl
+  # shellcheck disable=SC2086
+  "$LASTMILE" compare --config "$CONFIG" output_dir=$ABL/no_length "$TRACK" "$(ls -d $ABL/no_length/eval/rl_vs_predictions-*)"
 fi
 say "done"
