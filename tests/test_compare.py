@@ -162,3 +162,20 @@ def test_compare_reproduces_the_intervals_of_one_evaluation(tmp_path):
                                         samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
         assert got[m]["mean_diff"] == pytest.approx(-want["mean_diff"])
         assert (got[m]["ci_low"], got[m]["ci_high"]) == pytest.approx((-want["ci_high"], -want["ci_low"]))
+
+
+def test_compare_shows_only_examples_whose_summaries_differ(tmp_path):
+    from trainer.config import Config
+    from trainer.stages.compare import Evaluation, compare, markdown
+
+    ids = tuple(f"p{k}" for k in range(6))
+    texts = {"model": ("same",) * 6, "baseline": ("same",) * 3 + ("other",) + ("same",) * 2}
+    scores = {n: {"rougeL": [0.5] * 6} for n in texts}
+    scores["baseline"]["rougeL"][1] = 0.9  # a score can differ only where... not here: the texts are equal
+    one = Evaluation("ev", str(tmp_path), None, ids, texts, ("r",) * 6, scores)
+    r = compare([one], list(ids), Config())
+    assert [ex["id"] for ex in r["examples"]] == ["p3"]
+
+    same = Evaluation("ev", str(tmp_path), None, ids, {n: ("same",) * 6 for n in texts}, ("r",) * 6, scores)
+    r = compare([same], list(ids), Config())
+    assert r["examples"] == [] and "give the same summary on all 6 shared examples" in markdown(r)

@@ -35,3 +35,22 @@ def test_no_examples_without_both_systems(tmp_path):
     (tmp_path / "samples.jsonl").write_text(json.dumps({"id": "a", "reference": "r", "mle": "m",
                                                         "rougeL": {"mle": 0.1}}) + "\n", encoding="utf-8")
     assert report._examples(tmp_path) == ""
+
+
+def test_identical_summaries_are_not_shown_as_differences(tmp_path):
+    """Where RL and MLE wrote the same summary there is no difference to show (PPO published iteration
+    0, say): only the examples that changed are listed, and a report where none did says so."""
+    _samples(tmp_path, [f"p{i}" for i in range(8)])
+    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    for r in rows:
+        if r["id"] != "p4":
+            r["rl"], r["rougeL"]["rl"] = r["mle"], r["rougeL"]["mle"]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    differ_part = report._examples(tmp_path).split("## The one example where RL and MLE differ in ROUGE-L")[1]
+    assert [line[4:] for line in differ_part.splitlines() if line.startswith("### ")] == ["p4"]
+
+    for r in rows:
+        r["rl"], r["rougeL"]["rl"] = r["mle"], r["rougeL"]["mle"]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    md = report._examples(tmp_path)
+    assert "differ most" not in md and "RL's summary is the same as MLE's on all 8 examples" in md

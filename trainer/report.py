@@ -136,9 +136,14 @@ def _examples(folder: Path) -> str:
     if not rows or "rl" not in rows[0] or "mle" not in rows[0]:
         return ""
     drawn = sorted(rows, key=lambda r: drawn_key(r["id"]))[:DRAWN]
-    differ = sorted(rows, key=lambda r: -abs(r["rougeL"]["rl"] - r["rougeL"]["mle"]))[:EXAMPLES]
-    return (_example_section(f"{len(drawn)} examples drawn by a fixed rule (smallest sha256(\"example:\" + id))", drawn)
-            + _example_section(f"The {len(differ)} examples where RL and MLE differ most in ROUGE-L", differ))
+    changed = [r for r in rows if r["rl"] != r["mle"]]  # identical summaries are no example of a difference
+    differ = sorted(changed, key=lambda r: -abs(r["rougeL"]["rl"] - r["rougeL"]["mle"]))[:EXAMPLES]
+    drawn_part = _example_section(f"{len(drawn)} examples drawn by a fixed rule (smallest sha256(\"example:\" + id))", drawn)
+    if not differ:
+        return drawn_part + (f"## RL and MLE differ nowhere\n\nRL's summary is the same as MLE's on all {len(rows)} "
+                             "examples (as when PPO publishes its iteration 0, the MLE model itself).\n")
+    title = f"The {len(differ)} examples where RL and MLE differ most" if len(differ) > 1 else "The one example where RL and MLE differ"
+    return drawn_part + _example_section(f"{title} in ROUGE-L", differ)
 
 
 def drawn_key(example_id: str) -> str:

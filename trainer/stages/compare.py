@@ -10,7 +10,8 @@ id of an MLflow evaluate run (its artifacts are read from the store `tracking.ur
 systems (e.g. `model`, `model+post`); they are compared on the examples all sources share: every
 metric per system, paired bootstrap 95% intervals of each system minus the first source's first
 system, length and failure statistics (repetition, unfinished last sentence), the examples where the
-first two systems differ most, and a metrics plot. Writes <output_dir>/compare/<hash>/report.md and
+first system and the first other one (not its `+post` copy) wrote different summaries and differ
+most in ROUGE-L, and a metrics plot. Writes <output_dir>/compare/<hash>/report.md and
 report.html and logs them to an MLflow run of its own (stage `compare`), tagged with what it compared.
 """
 
@@ -219,9 +220,10 @@ def compare(evaluations: list[Evaluation], shared: list[str], cfg: Config) -> di
                                                              samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
                                 for m in COMPARED if m in per[k]["scores"] and m in per[base]["scores"]}
               for k in per if k != base}
-    keys = list(per)
-    a, b = keys[0], keys[1]
-    diff = sorted(range(len(shared)), key=lambda i: -abs(per[a]["scores"]["rougeL"][i] - per[b]["scores"]["rougeL"][i]))
+    a = next(iter(per))  # the first system, against the first one that is not its post-processed copy
+    b = next((k for k in per if k.removesuffix("+post") != a.removesuffix("+post")), next(k for k in per if k != a))
+    changed = [i for i in range(len(shared)) if per[a]["texts"][i] != per[b]["texts"][i]]
+    diff = sorted(changed, key=lambda i: -abs(per[a]["scores"]["rougeL"][i] - per[b]["scores"]["rougeL"][i]))
     first = evaluations[0]
     ref_of = dict(zip(first.ids, first.references))
     examples = [{"id": shared[i], "reference": ref_of[shared[i]], a: per[a]["texts"][i], b: per[b]["texts"][i],
@@ -244,6 +246,8 @@ def markdown(r: dict) -> str:
                                                if m in d else "" for m in ms) + " |")
     a, b = r["pair"]
     out += ["", "![metrics](metrics.png)", "", f"## Where {a} and {b} differ most (ROUGE-L)", ""]
+    if not r["examples"]:
+        out += [f"{a} and {b} give the same summary on all {r['n_shared']} shared examples.", ""]
     for ex in r["examples"]:
         out += [f"### {ex['id']}", "", f"- **reference**: {ex['reference']}",
                 f"- **{a}** ({ex['rougeL'][a]:.3f}): {ex[a]}", f"- **{b}** ({ex['rougeL'][b]:.3f}): {ex[b]}", ""]
