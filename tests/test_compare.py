@@ -171,7 +171,7 @@ def test_compare_shows_only_examples_whose_summaries_differ(tmp_path):
     ids = tuple(f"p{k}" for k in range(6))
     texts = {"model": ("same",) * 6, "baseline": ("same",) * 3 + ("other",) + ("same",) * 2}
     scores = {n: {"rougeL": [0.5] * 6} for n in texts}
-    scores["baseline"]["rougeL"][1] = 0.9  # a score can differ only where... not here: the texts are equal
+    scores["baseline"]["rougeL"][1] = 0.9  # a score gap where the texts are equal: p1 is no example
     one = Evaluation("ev", str(tmp_path), None, ids, texts, ("r",) * 6, scores)
     r = compare([one], list(ids), Config())
     assert [ex["id"] for ex in r["examples"]] == ["p3"]

@@ -29,7 +29,8 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     samples = [json.loads(x) for x in (out / "report" / "samples.jsonl").read_text().splitlines() if x.strip()]
     changed = sum(s["rl"] != s["mle"] for s in samples)  # the tiny PPO may publish its iteration 0 (= MLE)
     assert ("RL and MLE differ nowhere" in report) == (changed == 0)
-    assert changed == 0 or f"{'The one example' if changed == 1 else f'The {min(changed, 5)} examples'} where RL and MLE differ" in report
+    title = "The one example" if changed == 1 else f"The {min(changed, 5)} examples"
+    assert changed == 0 or f"{title} where RL and MLE differ" in report
     assert "8 examples drawn by a fixed rule" in report  # all 8 of the tiny split
     results = json.loads((out / "report" / "results.json").read_text())
     assert results["data"]["split"] == "test" and results["n_examples"] == 8

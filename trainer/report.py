@@ -138,11 +138,13 @@ def _examples(folder: Path) -> str:
     drawn = sorted(rows, key=lambda r: drawn_key(r["id"]))[:DRAWN]
     changed = [r for r in rows if r["rl"] != r["mle"]]  # identical summaries are no example of a difference
     differ = sorted(changed, key=lambda r: -abs(r["rougeL"]["rl"] - r["rougeL"]["mle"]))[:EXAMPLES]
-    drawn_part = _example_section(f"{len(drawn)} examples drawn by a fixed rule (smallest sha256(\"example:\" + id))", drawn)
+    drawn_part = _example_section(f"{len(drawn)} examples drawn by a fixed rule "
+                                  "(smallest sha256(\"example:\" + id))", drawn)
     if not differ:
         return drawn_part + (f"## RL and MLE differ nowhere\n\nRL's summary is the same as MLE's on all {len(rows)} "
                              "examples (as when PPO publishes its iteration 0, the MLE model itself).\n")
-    title = f"The {len(differ)} examples where RL and MLE differ most" if len(differ) > 1 else "The one example where RL and MLE differ"
+    title = (f"The {len(differ)} examples where RL and MLE differ most" if len(differ) > 1
+             else "The one example where RL and MLE differ")
     return drawn_part + _example_section(f"{title} in ROUGE-L", differ)
 
 
