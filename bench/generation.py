@@ -22,15 +22,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 
 def _prompts(n: int, max_document_tokens: int):
-    from trainer.config import DataConfig, ModelConfig, PromptConfig
-    from trainer.data.collate import collate_prompts
-    from trainer.data.prompts import PromptBuilder
-    from trainer.data.records import load_split
-    from trainer.models import load_tokenizer
+    from lastmile.config import DataConfig, ModelConfig, PromptConfig
+    from lastmile.data.collate import collate_prompts
+    from lastmile.data.prompts import PromptBuilder
+    from lastmile.data.records import load_split
+    from lastmile.models import load_tokenizer
 
     tok = load_tokenizer(ModelConfig())
     examples = load_split(DataConfig(), "train", n)
@@ -48,10 +47,10 @@ def _timed(fn):
 def worker_zero3(args) -> None:
     import torch
 
-    from trainer import distributed
-    from trainer.config import ModelConfig, OptimSettings, plan_batches
-    from trainer.hybrid_engine import HybridEngine, Sampling
-    from trainer.models import TokenLogprobModel, load_causal_lm
+    from lastmile import distributed
+    from lastmile.config import ModelConfig, OptimSettings, plan_batches
+    from lastmile.hybrid_engine import HybridEngine, Sampling
+    from lastmile.models import TokenLogprobModel, load_causal_lm
 
     dist = distributed.setup()
     tok, prompts, collate = _prompts(args.batch * dist.world_size, args.doc_tokens)
@@ -105,8 +104,8 @@ def worker_zero3(args) -> None:
 def worker_single(args) -> None:
     import torch
 
-    from trainer.config import ModelConfig
-    from trainer.models import load_causal_lm
+    from lastmile.config import ModelConfig
+    from lastmile.models import load_causal_lm
 
     tok, prompts, collate = _prompts(args.batch * args.world, args.doc_tokens)
     lm, _ = load_causal_lm(ModelConfig(), torch.device("cpu"))

@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def measure(impl: str, N: int, V: int, H: int, device: str, repeats: int, with_entropy: bool) -> dict:
     import torch
 
-    from kernels.logprob import token_logprob_sum, token_logprobs
+    from lastmile_kernels.logprob import token_logprob_sum, token_logprobs
 
     torch.manual_seed(0)
     h = torch.randn(N, H, device=device, requires_grad=True)

@@ -33,14 +33,13 @@ PEERS = {"grpo": "trl-1.16.0", "ppo": "trl-1.7.1"}
 
 def prepare(work: Path, n_prompts: int, doc_tokens: int) -> dict:
     """Model folder, shared reward model, prompts (text for TRL, a data folder for us)."""
-    sys.path.insert(0, str(ROOT))
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from trainer.config import DataConfig, ModelConfig, PromptConfig
-    from trainer.data.prompts import PromptBuilder
-    from trainer.data.records import load_split
-    from trainer.models import load_tokenizer, resolve_model_path
+    from lastmile.config import DataConfig, ModelConfig, PromptConfig
+    from lastmile.data.prompts import PromptBuilder
+    from lastmile.data.records import load_split
+    from lastmile.models import load_tokenizer, resolve_model_path
 
     model = resolve_model_path("smollm2-135m-instruct")
     tok = load_tokenizer(ModelConfig())
@@ -78,7 +77,7 @@ def run_ours(kind: str, inputs: dict, args, out: Path) -> dict:
         "ppo.eval_examples=1", "ppo.save_every=0", "ppo.lr=1e-6", "ppo.whiten_advantages=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.run([sys.executable, "-m", "trainer", "ppo", *overrides], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "lastmile", "ppo", *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True)
     if proc.returncode != 0:
         raise SystemExit(f"lastmile ppo failed:\n{proc.stderr[-3000:]}")

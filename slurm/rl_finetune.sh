@@ -39,10 +39,10 @@ forward() { [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null; }  # srun passes
 trap forward USR1 TERM
 
 for stage in $STAGES; do
-  # srun starts one task per rank; trainer.distributed maps SLURM_PROCID/SLURM_NTASKS to RANK/WORLD_SIZE.
+  # srun starts one task per rank; lastmile.distributed maps SLURM_PROCID/SLURM_NTASKS to RANK/WORLD_SIZE.
   # --wait: once one rank ends, the others get 120 s to finish (all exit 75 together after a stop
   # signal) before srun kills them, so a crashed rank cannot leave the rest hanging in a collective.
-  srun --wait=120 python -m trainer "$stage" --config "$CONFIG" "$@" &
+  srun --wait=120 python -m lastmile "$stage" --config "$CONFIG" "$@" &
   child=$!
   while :; do wait "$child"; rc=$?; kill -0 "$child" 2>/dev/null || break; done  # a trap interrupts wait
   child=""

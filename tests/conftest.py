@@ -31,7 +31,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     full_env = clean_env(OMP_NUM_THREADS="2", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=full_env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lastmile", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -68,8 +68,8 @@ def mlflow_server_on(store: str, log: Path, *extra: str):
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from trainer.config import ModelConfig
-    from trainer.models import load_tokenizer
+    from lastmile.config import ModelConfig
+    from lastmile.models import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 
@@ -78,8 +78,8 @@ def tokenizer():
 def tiny_lm():
     import torch
 
-    from trainer.config import load_config
-    from trainer.models import load_causal_lm
+    from lastmile.config import load_config
+    from lastmile.models import load_causal_lm
 
     cfg = load_config(TINY)
     lm, _ = load_causal_lm(cfg.model, torch.device("cpu"))

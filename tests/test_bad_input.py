@@ -1,6 +1,6 @@
 """Bad input, table-driven: each case gets one clear message naming the field, file or URI (exact
 fragment asserted), exit code 2 (74 for the environment: no room on the disk), no traceback, and leaves nothing a later run could take as
-complete (no DONE.json). Runs the CLI in this process (`trainer.cli.main`), so the table is fast."""
+complete (no DONE.json). Runs the CLI in this process (`lastmile.cli.main`), so the table is fast."""
 
 import fcntl
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TINY
 
-from trainer.cli import main
+from lastmile.cli import main
 
 TEST_IDS = None
 
@@ -17,8 +17,8 @@ TEST_IDS = None
 def _ids(n=8):
     global TEST_IDS
     if TEST_IDS is None:
-        from trainer.config import DataConfig
-        from trainer.data.records import load_split
+        from lastmile.config import DataConfig
+        from lastmile.data.records import load_split
 
         TEST_IDS = [e.id for e in load_split(DataConfig(), "test")[:8]]
     return TEST_IDS[:n]
@@ -150,8 +150,8 @@ CASES = [
 def _config_only(t: Path) -> Path:
     d = t / "cfg_only"
     d.mkdir()
-    from trainer.config import load_config
-    from trainer.models import resolve_model_path
+    from lastmile.config import load_config
+    from lastmile.models import resolve_model_path
 
     src = Path(resolve_model_path(load_config(TINY).model.path))
     for f in src.iterdir():  # everything but the weights
@@ -232,7 +232,7 @@ def test_stale_torch_extension_build_lock_is_removed(tmp_path):
     import os
     import time
 
-    from trainer.preflight import clear_stale_build_locks
+    from lastmile.preflight import clear_stale_build_locks
 
     stale = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
     fresh = tmp_path / "py311_cpu" / "other_op" / "lock"

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from trainer import checkpoint
-from trainer.errors import UserError
+from lastmile import checkpoint
+from lastmile.errors import UserError
 
 
 def _fake_checkpoint(root, step, payload=b"x" * 1000):

@@ -18,8 +18,8 @@ def mlflow_server(tmp_path_factory):
 
 
 def test_compare_two_evaluations_through_a_real_mlflow_server(mlflow_server, tmp_path):
-    from trainer.config import DataConfig
-    from trainer.data.records import load_split
+    from lastmile.config import DataConfig
+    from lastmile.data.records import load_split
 
     test = load_split(DataConfig(), "test")[:8]
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
@@ -74,8 +74,8 @@ def test_compare_refuses_unknown_sources(tmp_path):
 
 
 def test_compare_reads_evaluation_folders(tmp_path):
-    from trainer.config import DataConfig
-    from trainer.data.records import load_split
+    from lastmile.config import DataConfig
+    from lastmile.data.records import load_split
 
     test = load_split(DataConfig(), "test")[:8]
     out = tmp_path / "out"
@@ -98,7 +98,7 @@ def test_compare_reads_evaluation_folders(tmp_path):
 
 
 def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
-    from trainer.stages.compare import Evaluation, unique_labels
+    from lastmile.stages.compare import Evaluation, unique_labels
 
     def ev(path, label=None):  # a folder, or (with a label) an MLflow run id
         if label is None:
@@ -111,7 +111,7 @@ def test_sources_with_the_same_folder_name_keep_apart(tmp_path):
 
 
 def test_training_curves_of_compared_rl_systems(tmp_path):
-    from trainer.stages.compare import Evaluation, training_curves
+    from lastmile.stages.compare import Evaluation, training_curves
 
     evaluations = []
     for arm, slope in (("a", 0.01), ("b", -0.01)):
@@ -142,9 +142,9 @@ def test_compare_reproduces_the_intervals_of_one_evaluation(tmp_path):
     as `lastmile evaluate` wrote (negated: compare subtracts the first system)."""
     import numpy as np
 
-    from trainer import metrics
-    from trainer.config import Config
-    from trainer.stages.compare import Evaluation, compare, shared_ids
+    from lastmile import metrics
+    from lastmile.config import Config
+    from lastmile.stages.compare import Evaluation, compare, shared_ids
 
     rng = np.random.default_rng(3)
     ids = tuple(f"p{k}" for k in rng.permutation(40))  # not in sorted order
@@ -165,8 +165,8 @@ def test_compare_reproduces_the_intervals_of_one_evaluation(tmp_path):
 
 
 def test_compare_shows_only_examples_whose_summaries_differ(tmp_path):
-    from trainer.config import Config
-    from trainer.stages.compare import Evaluation, compare, markdown
+    from lastmile.config import Config
+    from lastmile.stages.compare import Evaluation, compare, markdown
 
     ids = tuple(f"p{k}" for k in range(6))
     texts = {"model": ("same",) * 6, "baseline": ("same",) * 3 + ("other",) + ("same",) * 2}

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import Config, load_config, plan_batches
-from trainer.distributed import fill_ds_config
-from trainer.errors import ConfigError
+from lastmile.config import Config, load_config, plan_batches
+from lastmile.distributed import fill_ds_config
+from lastmile.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,7 +78,7 @@ def test_ds_config_contradiction_is_refused():
 def test_micro_batch_indices_partition_each_step():
     """Ranks x micro-batches cover each step's global batch exactly once; an epoch covers the data
     without repeats; the order depends only on (seed, epoch)."""
-    from trainer.data.sampling import micro_batch_indices
+    from lastmile.data.sampling import micro_batch_indices
 
     plan = plan_batches(8, 2, 2)  # 2 ranks x 2 micro-batches of 2
     epoch = []
@@ -94,7 +94,7 @@ def test_micro_batch_indices_partition_each_step():
 
 
 def test_relative_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
-    from trainer.config import PROJECT_ROOT, resolve_local_path
+    from lastmile.config import PROJECT_ROOT, resolve_local_path
 
     monkeypatch.chdir(tmp_path)
     assert resolve_local_path("pyproject.toml") == PROJECT_ROOT / "pyproject.toml"
@@ -104,7 +104,7 @@ def test_relative_paths_fall_back_to_the_project_root(tmp_path, monkeypatch):
 
 
 def test_stage_identity_is_its_section_shared_settings_and_inputs():
-    from trainer.stages.common import same_identity, stage_identity
+    from lastmile.stages.common import same_identity, stage_identity
 
     cfg = load_config(ROOT / "trainer" / "configs" / "tiny.yaml")
     base = stage_identity(cfg, "sft", {})

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-from trainer.config import DataConfig, PromptConfig
-from trainer.data.collate import collate_prompts, collate_sft
-from trainer.data.prompts import PromptBuilder
-from trainer.data.records import detokenize, load_split
-from trainer.errors import DataError
+from lastmile.config import DataConfig, PromptConfig
+from lastmile.data.collate import collate_prompts, collate_sft
+from lastmile.data.prompts import PromptBuilder
+from lastmile.data.records import detokenize, load_split
+from lastmile.errors import DataError
 
 
 def _write_jsonl(path, rows):
@@ -90,7 +90,7 @@ def test_plain_template_for_base_models(tokenizer):
 
 
 def test_collate_masks():
-    from trainer.data.prompts import TokenizedExample
+    from lastmile.data.prompts import TokenizedExample
 
     exs = [TokenizedExample("a", (1, 2, 3), (4, 5)), TokenizedExample("b", (1,), (6,))]
     b = collate_sft(exs, pad_id=0)
@@ -123,8 +123,8 @@ def test_hub_source_maps_fields(monkeypatch):
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
-    from trainer.errors import ModelError
-    from trainer.models import resolve_model_path
+    from lastmile.errors import ModelError
+    from lastmile.models import resolve_model_path
 
     with pytest.raises(ModelError, match=r"model.path \(./nope.gguf\) does not exist"):
         resolve_model_path("./nope.gguf")
@@ -136,7 +136,7 @@ def test_missing_model_is_a_clear_error(tmp_path):
 def test_split_parts_follow_a_fixed_rule_on_ids(tmp_path):
     import hashlib
 
-    from trainer.config import splits_overlap
+    from lastmile.config import splits_overlap
 
     rows = [{"id": f"p{i}", "document": f"Doc {i}.", "summary": f"Sum {i}."} for i in range(40)]
     _write_jsonl(tmp_path / "validation.jsonl", rows)

@@ -32,7 +32,7 @@ def test_tiny_sft_lowers_loss_and_writes_a_loadable_model(tiny_sft_run):
     assert (tiny_sft_run / "sft" / "loss_curve.png").stat().st_size > 1000
     # a finished stage keeps its published model (verified by its manifest), not its checkpoints
     assert not (tiny_sft_run / "sft" / "checkpoints").exists()
-    from trainer.checkpoint import verify_manifest
+    from lastmile.checkpoint import verify_manifest
 
     assert verify_manifest(tiny_sft_run / "sft" / "model") == [] and (tiny_sft_run / "sft/model/MANIFEST.json").is_file()
 
@@ -69,8 +69,8 @@ def test_tiny_evaluate_and_mlflow_contents(tiny_sft_run):
 
 def test_predictions_file_scoring_and_rescoring(tiny_sft_run, tmp_path):
     preds = tmp_path / "preds.jsonl"
-    from trainer.config import DataConfig
-    from trainer.data.records import load_split
+    from lastmile.config import DataConfig
+    from lastmile.data.records import load_split
 
     val = load_split(DataConfig(), "test")[:8]
     preds.write_text("".join(json.dumps({"id": e.id, "prediction": e.summary}) + "\n" for e in val))
@@ -116,7 +116,7 @@ def test_kill_and_resume_continues_the_same_curve_and_run(tiny_sft_run, tmp_path
     """SIGKILL mid-run after the step-4 checkpoint; the rerun resumes from it and ends with the same
     loss history as the uninterrupted run, in the same MLflow run."""
     out = tmp_path / "resume"
-    args = [sys.executable, "-m", "trainer", "sft", "--config", str(TINY), f"output_dir={out}", "sft.save_every=4"]
+    args = [sys.executable, "-m", "lastmile", "sft", "--config", str(TINY), f"output_dir={out}", "sft.save_every=4"]
     env = clean_env(OMP_NUM_THREADS="2")
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = out / "sft" / "checkpoints" / "step-0000004"
@@ -198,7 +198,7 @@ def test_tiny_reward_model_learns_and_round_trips(tiny_sft_run):
     stats = json.loads((model_dir / "reward_stats.json").read_text())
     assert stats == res["reward_stats"]
     # Round trip: transformers' own forward gives the score our wrapper trained and evaluated.
-    from trainer.models import ScalarRewardModel
+    from lastmile.models import ScalarRewardModel
 
     rm = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 2, 2, 2]])

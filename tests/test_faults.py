@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import clean_env, ROOT, TINY, run_cli
 
-from trainer.checkpoint import MANIFEST, verify_manifest
+from lastmile.checkpoint import MANIFEST, verify_manifest
 
 STAGES = ("sft", "reward_model", "ppo", "report")
 UPSTREAM = {"sft": (), "reward_model": ("sft",), "ppo": ("sft", "reward_model"), "report": ("sft", "reward_model", "ppo")}
@@ -41,7 +41,7 @@ TALLY = Path(os.environ.get("LASTMILE_FAULT_TALLY", ROOT / "runs" / "fault_tally
 
 
 def _pipeline(out: Path, *, env: dict | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "trainer", "pipeline", "--config", str(TINY), f"output_dir={out}"]
+    args = [sys.executable, "-m", "lastmile", "pipeline", "--config", str(TINY), f"output_dir={out}"]
     return subprocess.Popen(args, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="2", **(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 

@@ -3,7 +3,7 @@ import importlib.util
 import pytest
 import torch
 
-from kernels.logprob import chunked_token_logprobs, reference_token_logprobs, resolve_impl, token_logprobs
+from lastmile_kernels.logprob import chunked_token_logprobs, reference_token_logprobs, resolve_impl, token_logprobs
 
 
 def _inputs(N, V, H, seed=0):
@@ -58,9 +58,9 @@ def test_dispatch_auto_is_chunked_on_cpu():
 
 def test_fused_loss_equals_reference_on_tiny_model(tiny_lm, tokenizer):
     """The SFT forward through the fused path gives the HF logits path's log-probs and gradients."""
-    from trainer.data.collate import collate_sft
-    from trainer.data.prompts import TokenizedExample
-    from trainer.models import TokenLogprobModel
+    from lastmile.data.collate import collate_sft
+    from lastmile.data.prompts import TokenizedExample
+    from lastmile.models import TokenLogprobModel
 
     exs = [TokenizedExample("a", tuple(range(5, 25)), tuple(range(30, 40))),
            TokenizedExample("b", tuple(range(7, 15)), tuple(range(50, 55)))]
@@ -100,8 +100,8 @@ def test_triton_kernel_under_interpreter(monkeypatch, N, V, H):
 
     code = f'''
 import torch
-import kernels.triton_logprob as tk
-from kernels.logprob import reference_token_logprobs
+import lastmile_kernels.triton_logprob as tk
+from lastmile_kernels.logprob import reference_token_logprobs
 tk.BWD_CHUNK = 32  # several backward chunks, the last one partial
 g = torch.Generator().manual_seed(0)
 h = torch.randn({N}, {H}, generator=g, requires_grad=True); w = torch.randn({V}, {H}, generator=g, requires_grad=True)
@@ -132,9 +132,9 @@ def test_triton_matches_reference_on_gpu():
 
 def test_packed_batch_equals_padded_batch(tiny_lm):
     """Padding-free packing (position ids restart per sequence) gives the padded path's log-probs."""
-    from trainer.data.collate import collate_packed, collate_sft
-    from trainer.data.prompts import TokenizedExample
-    from trainer.models import TokenLogprobModel
+    from lastmile.data.collate import collate_packed, collate_sft
+    from lastmile.data.prompts import TokenizedExample
+    from lastmile.models import TokenLogprobModel
 
     exs = [TokenizedExample("a", tuple(range(5, 25)), tuple(range(30, 40))),
            TokenizedExample("b", tuple(range(7, 15)), tuple(range(50, 55))),

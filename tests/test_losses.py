@@ -1,6 +1,6 @@
 import torch
 
-from trainer.algorithms.losses import masked_mean, masked_sum, token_mean_loss
+from lastmile.algorithms.losses import masked_mean, masked_sum, token_mean_loss
 
 
 def test_masked_reductions_hand_values():

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trainer import metrics
+from lastmile import metrics
 
 
 def test_rouge_max_over_references_and_length_adjustment():
@@ -58,9 +58,9 @@ class FakeEncoder:
 
 def test_evaluating_n_systems_embeds_each_reference_once(monkeypatch):
     """Through the evaluate stage's scoring: 3 systems and their post-processed versions, one encoder."""
-    from trainer.config import Config
-    from trainer.data.records import Example
-    from trainer.stages import evaluate
+    from lastmile.config import Config
+    from lastmile.data.records import Example
+    from lastmile.stages import evaluate
 
     fake, built, real = FakeEncoder(), [], metrics.SemanticScorer
     monkeypatch.setattr(metrics, "SemanticScorer", lambda name, **kw: built.append(name) or real(name, encoder=fake))

@@ -5,10 +5,10 @@ import re
 import pytest
 import torch
 
-from trainer.algorithms.losses import auroc, pairwise_loss
-from trainer.config import FAILURE_MODES
-from trainer.data import negatives as neg
-from trainer.data.records import Example
+from lastmile.algorithms.losses import auroc, pairwise_loss
+from lastmile.config import FAILURE_MODES
+from lastmile.data import negatives as neg
+from lastmile.data.records import Example
 
 DOC = ("We study graph neural networks for molecule property prediction. Our model, MolGNN, uses 12 message "
        "passing layers. On the QM9 benchmark it reduces error by 15% compared to prior work. We release code.")
@@ -117,8 +117,8 @@ def test_packed_reward_scores_equal_padded(tiny_lm, tmp_path):
     """Padding-free packing for the reward model: one score per packed sequence, as padded."""
     from transformers import AutoModelForSequenceClassification
 
-    from trainer.models import ScalarRewardModel
-    from trainer.stages.reward_model import collate_sequences, pack_sequences
+    from lastmile.models import ScalarRewardModel
+    from lastmile.stages.reward_model import collate_sequences, pack_sequences
 
     tiny_lm.save_pretrained(tmp_path / "lm")
     torch.manual_seed(0)

@@ -96,7 +96,7 @@ def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     out.mkdir()
     for stage in ("sft", "reward_model"):
         shutil.copytree(src / stage, out / stage, ignore=shutil.ignore_patterns("checkpoints"))
-    args = [sys.executable, "-m", "trainer", "ppo", "--config", str(TINY), f"output_dir={out}"]
+    args = [sys.executable, "-m", "lastmile", "ppo", "--config", str(TINY), f"output_dir={out}"]
     proc = subprocess.Popen(args, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="2"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     ckpt = out / "ppo" / "checkpoints" / "step-0000002"

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from trainer.metrics import postprocess, remove_ngram_loops, remove_repeated_sentences, split_sentences, trim_unfinished
+from lastmile.metrics import postprocess, remove_ngram_loops, remove_repeated_sentences, split_sentences, trim_unfinished
 
 
 def test_loops_repeats_and_unfinished_tail():

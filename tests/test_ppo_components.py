@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer import distributed
-from trainer.config import OptimSettings, PPOConfig, load_config, plan_ppo
-from trainer.hybrid_engine import HybridEngine, Sampling, truncate_after_eos
-from trainer.models import TokenLogprobModel, load_causal_lm
-from trainer.rollout import Rollout, RolloutModels, response_logprobs
+from lastmile import distributed
+from lastmile.config import OptimSettings, PPOConfig, load_config, plan_ppo
+from lastmile.hybrid_engine import HybridEngine, Sampling, truncate_after_eos
+from lastmile.models import TokenLogprobModel, load_causal_lm
+from lastmile.rollout import Rollout, RolloutModels, response_logprobs
 
 from conftest import TINY
 
@@ -114,7 +114,7 @@ def _update_gradients(micro: int, accum: int, lm) -> dict[str, torch.Tensor]:
     the real ZeRO-3 engine with `safe_get_full_grad` while one PPO update runs."""
     from deepspeed.utils import safe_get_full_grad
 
-    from trainer.stages import ppo
+    from lastmile.stages import ppo
 
     engine, lm, ds = _engine(3, micro, accum, lm=lm)
     grads: dict[str, torch.Tensor] = {}
@@ -152,7 +152,7 @@ def test_one_by_eight_equals_eight_by_one_through_deepspeed(dist):
 
 def test_update_lowers_the_surrogate(dist):
     """One PPO update on fixed advantages raises the log-prob of positive-advantage tokens."""
-    from trainer.stages import ppo
+    from lastmile.stages import ppo
 
     engine, lm, _ = _engine(2, 4, 2)
     cfg = load_config(TINY)
@@ -172,7 +172,7 @@ def test_ppo_batch_plan_divides_exactly():
     plan = plan_ppo(8, 4, 16, 2, 2, 2)
     assert (plan.rollout, plan.rollout_per_rank, plan.minibatches, plan.steps_per_iteration) == (32, 16, 2, 4)
     assert (plan.train.global_batch, plan.train.grad_accum) == (16, 4)
-    from trainer.errors import ConfigError
+    from lastmile.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"ppo.minibatch_size \(12\) does not divide"):
         plan_ppo(8, 4, 12, 2, 1, 2)
@@ -182,8 +182,8 @@ def test_ppo_batch_plan_divides_exactly():
 
 
 def test_non_finite_rewards_skip_the_rollout_then_stop_the_run(dist):
-    from trainer.errors import UserError
-    from trainer.stages.ppo import PPOState, _finite
+    from lastmile.errors import UserError
+    from lastmile.stages.ppo import PPOState, _finite
 
     good = _fake_rollout()
     bad = Rollout(**{**good.__dict__, "scores": torch.tensor([float("nan")] + [0.0] * 7)})
@@ -202,7 +202,7 @@ def test_critic_starts_in_the_reward_units():
     not the raw score (which would overestimate every return by about mean / std)."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from trainer.models import ScalarRewardModel, ValueModel
+    from lastmile.models import ScalarRewardModel, ValueModel
 
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,

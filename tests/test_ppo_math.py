@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from trainer.algorithms.advantages import compute_gae, group_advantages, masked_whiten
-from trainer.algorithms.kl import KLController, kl_per_token, shape_rewards
-from trainer.algorithms.losses import policy_loss, value_loss
+from lastmile.algorithms.advantages import compute_gae, group_advantages, masked_whiten
+from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
+from lastmile.algorithms.losses import policy_loss, value_loss
 
 
 def close(actual, expected, atol=1e-5):
@@ -291,7 +291,7 @@ def test_masked_whiten_over_ranks_equals_whitening_the_global_batch():
 
 
 def test_hybrid_reward_terms_hand_values():
-    from trainer.algorithms.rewards import hybrid_reward
+    from lastmile.algorithms.rewards import hybrid_reward
 
     total, parts = hybrid_reward(torch.tensor([11.0, 5.0]), torch.tensor([0.5, 0.1]), torch.tensor([1.5, 0.8]),
                                  torch.tensor([True, False]), rm_mean=9.0, rm_std=2.0, rm_weight=1.0, metric_weight=2.0,
@@ -310,7 +310,7 @@ def test_hybrid_reward_terms_hand_values():
 
 
 def test_parity_alarm_fires_above_the_bound_only():
-    from trainer.stages.ppo import PPOState, _check_parity
+    from lastmile.stages.ppo import PPOState, _check_parity
 
     state = PPOState(iteration=3)
     quiet = {"parity/max_abs": 0.01}
@@ -322,8 +322,8 @@ def test_parity_alarm_fires_above_the_bound_only():
 
 
 def test_in_loop_alarms_for_kl_length_and_reward_rising_while_the_metric_falls():
-    from trainer.config import PPOConfig
-    from trainer.stages.ppo_eval import find_alarms
+    from lastmile.config import PPOConfig
+    from lastmile.stages.ppo_eval import find_alarms
 
     o = PPOConfig(kl_alarm=5.0, length_alarm_low=0.5, length_alarm_high=2.0, best_metric="la_rougeL")
 

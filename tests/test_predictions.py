@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from trainer.data.predictions import read_predictions
-from trainer.data.records import Example
-from trainer.errors import DataError
+from lastmile.data.predictions import read_predictions
+from lastmile.data.records import Example
+from lastmile.errors import DataError
 
 EXAMPLES = [Example(i, f"document {i}", f"summary {i}", (f"summary {i}",)) for i in ("a", "b", "c")]
 

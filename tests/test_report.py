@@ -3,7 +3,7 @@
 import json
 import random
 
-from trainer import report
+from lastmile import report
 
 
 def _samples(folder, ids):

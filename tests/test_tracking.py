@@ -5,8 +5,8 @@ import mlflow
 import pytest
 from conftest import TINY
 
-from trainer.cli import main
-from trainer.tracking import MlflowTracker
+from lastmile.cli import main
+from lastmile.tracking import MlflowTracker
 
 
 def test_a_resumed_run_records_changed_settings_without_rewriting_the_old_ones(tmp_path):
@@ -25,7 +25,7 @@ def test_a_resumed_run_records_changed_settings_without_rewriting_the_old_ones(t
 
 @pytest.mark.parametrize("error", ["mlflow", "requests"])
 def test_a_tracking_store_failing_mid_run_is_one_message(error, tmp_path, monkeypatch, capsys):
-    from trainer.stages import sft
+    from lastmile.stages import sft
 
     def fail(cfg):
         if error == "mlflow":

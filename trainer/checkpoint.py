@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from trainer import distributed, faults
+from lastmile import distributed, faults
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def publish_model(src: Path, dest: Path) -> None:
     verifying it against its manifest: a damaged model is never published."""
     problems = verify_manifest(src)
     if problems:
-        from trainer.errors import UserError
+        from lastmile.errors import UserError
 
         raise UserError(f"the model to publish is damaged: {'; '.join(problems[:3])}. Nothing was published. Delete "
                         f"{src.parent} and rerun the same command: the stage resumes from the previous checkpoint.")

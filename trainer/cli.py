@@ -1,4 +1,4 @@
-"""`lastmile <stage> --config X [key.sub=value ...]`, also `python -m trainer` and
+"""`lastmile <stage> --config X [key.sub=value ...]`, also `python -m lastmile` and
 `deepspeed trainer/main.py`. User errors print one paragraph and exit non-zero, without a traceback."""
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s] [rank {rank}] %(name)s: %(message)s", datefmt="%H:%M:%S")
-    from trainer import preemption
-    from trainer.config import load_config, to_yaml
-    from trainer.errors import UserError
+    from lastmile import preemption
+    from lastmile.config import load_config, to_yaml
+    from lastmile.errors import UserError
 
     sources = [x for x in args.overrides if "=" not in x] if args.command == "compare" else []
     cfg = None
@@ -60,33 +60,33 @@ def main(argv: list[str] | None = None) -> int:
             print(to_yaml(cfg), end="")
             print(f"OK: {args.config or 'defaults'} is valid.", file=sys.stderr)
             return 0
-        from trainer import preflight
+        from lastmile import preflight
 
         preflight.check(cfg, args.command)
         preflight.lock_output_dir(cfg)
         preflight.clear_stale_build_locks()
         if args.command == "sft":
-            from trainer.stages import sft
+            from lastmile.stages import sft
 
             sft.run(cfg)
         elif args.command == "evaluate":
-            from trainer.stages import evaluate
+            from lastmile.stages import evaluate
 
             evaluate.run(cfg)
         elif args.command == "reward-model":
-            from trainer.stages import reward_model
+            from lastmile.stages import reward_model
 
             reward_model.run(cfg)
         elif args.command == "ppo":
-            from trainer.stages import ppo
+            from lastmile.stages import ppo
 
             ppo.run(cfg)
         elif args.command == "compare":
-            from trainer.stages import compare
+            from lastmile.stages import compare
 
             compare.run(cfg, sources)
         elif args.command == "pipeline":
-            from trainer import pipeline
+            from lastmile import pipeline
 
             pipeline.run(cfg)
         return 0
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tracking_failed(command: str, cfg, e: BaseException) -> int:
-    from trainer.tracking import tracking_uri
+    from lastmile.tracking import tracking_uri
 
     print(f"lastmile {command}: error: the MLflow tracking store ({tracking_uri(cfg)}) failed during the run: "
           f"{_first_line(e)}. Training state is checkpointed atomically, so nothing complete was lost. Bring the "

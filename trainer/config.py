@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from trainer.errors import ConfigError
+from lastmile.errors import ConfigError
 
 OFFLINE_DEFAULT_MODEL = "smollm2-135m-instruct"
 SPLIT_PARTS = ("dev", "report")
@@ -160,7 +160,7 @@ class RewardModelConfig(TrainConfig):
     init: str | None = None
     """Backbone to start from; default: the SFT model in output_dir, else model.path."""
     mode_weights: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in FAILURE_MODES})
-    """Mixture of synthetic failure modes (trainer.data.negatives.MODES) for training pairs."""
+    """Mixture of synthetic failure modes (lastmile.data.negatives.MODES) for training pairs."""
     negatives_per_example: int = 4
     policy_negatives_model: str | None = None
     """A model (e.g. the SFT model) whose sampled summaries with low ROUGE-L become `policy` negatives."""
@@ -562,6 +562,10 @@ def _get_dotted(cfg: Any, dotted: str) -> Any:
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The shipped DeepSpeed JSONs: ds_configs/ in a checkout (editable install); inside the package when
+# installed from a wheel (pyproject maps ds_configs/ to lastmile/ds_configs).
+DS_CONFIGS = next((d for d in (PROJECT_ROOT / "ds_configs", Path(__file__).resolve().parent / "ds_configs") if d.is_dir()),
+                  PROJECT_ROOT / "ds_configs")
 
 
 def resolve_local_path(path: str) -> Path | None:
@@ -574,12 +578,14 @@ def resolve_local_path(path: str) -> Path | None:
 
 
 def resolve_ds_config_path(name: str) -> Path:
-    """A DeepSpeed JSON by path, or by bare name under the project's ds_configs/ (`zero3`)."""
-    candidates = [Path(name), PROJECT_ROOT / name, PROJECT_ROOT / "ds_configs" / name, PROJECT_ROOT / "ds_configs" / f"{name}.json"]
+    """A DeepSpeed JSON by path, or by bare name among the shipped ones (`zero3`)."""
+    candidates = [Path(name), PROJECT_ROOT / name, DS_CONFIGS / name, DS_CONFIGS / f"{name}.json"]
+    if Path(name).parent == Path("ds_configs"):  # the default spelling, ds_configs/zero2.json
+        candidates.append(DS_CONFIGS / Path(name).name)
     for c in candidates:
         if c.is_file():
             return c
-    shipped = ", ".join(sorted(x.stem for x in (PROJECT_ROOT / "ds_configs").glob("*.json")))
+    shipped = ", ".join(sorted(x.stem for x in DS_CONFIGS.glob("*.json")))
     raise ConfigError(f"deepspeed.config ({name}) does not exist. Use a JSON path or one of: {shipped}.")
 
 

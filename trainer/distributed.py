@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from trainer.config import BatchPlan, OptimSettings, resolve_ds_config_path
-from trainer.errors import ConfigError
+from lastmile.config import BatchPlan, OptimSettings, resolve_ds_config_path
+from lastmile.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

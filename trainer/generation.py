@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer import distributed
-from trainer.config import Config, GenerationConfig, plan_batches
-from trainer.data.collate import collate_prompts
-from trainer.data.prompts import PromptBuilder, TokenizedExample
-from trainer.data.records import Example
-from trainer.distributed import DistInfo
-from trainer.hybrid_engine import HybridEngine
-from trainer.models import hidden_size_of, load_causal_lm, load_tokenizer
+from lastmile import distributed
+from lastmile.config import Config, GenerationConfig, plan_batches
+from lastmile.data.collate import collate_prompts
+from lastmile.data.prompts import PromptBuilder, TokenizedExample
+from lastmile.data.records import Example
+from lastmile.distributed import DistInfo
+from lastmile.hybrid_engine import HybridEngine
+from lastmile.models import hidden_size_of, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 

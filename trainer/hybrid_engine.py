@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.distributed import zero_stage
+from lastmile.distributed import zero_stage
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import OFFLINE_DEFAULT_MODEL, ModelConfig
-from trainer.errors import ModelError
+from lastmile.config import OFFLINE_DEFAULT_MODEL, ModelConfig
+from lastmile.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class TokenLogprobModel(torch.nn.Module):
         target_mask[:, 1:] is False; entropy (B, T-1) or None).
         reduction="sum" -> scalar sum of the target tokens' log-probs, through the fused linear-loss
         path (kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls)."""
-        from kernels.logprob import token_logprob_sum, token_logprobs
+        from lastmile_kernels.logprob import token_logprob_sum, token_logprobs
 
         decoder = self.lm.get_decoder()
         if position_ids is not None:  # packed: no 2D mask, transformers derives the blocks from positions

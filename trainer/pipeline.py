@@ -16,9 +16,9 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from trainer import checkpoint, distributed, preemption, report, tracking
-from trainer.config import Config, flatten, to_dict
-from trainer.stages import ppo, reward_model, sft
+from lastmile import checkpoint, distributed, preemption, report, tracking
+from lastmile.config import Config, flatten, to_dict
+from lastmile.stages import ppo, reward_model, sft
 
 
 def run(cfg: Config) -> dict:

@@ -14,8 +14,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from trainer.config import Config
-from trainer.errors import UserError
+from lastmile.config import Config
+from lastmile.errors import UserError
 
 _held: list = []  # the open lock file, kept for the life of the process
 KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -53,13 +53,13 @@ def check(cfg: Config, command: str | None = None) -> None:
 def weight_bytes(cfg: Config) -> int:
     """The size of the model's weight files when they are on this machine (0 when unknown: a hub id
     not yet downloaded, a random-init model)."""
-    from trainer.config import OFFLINE_DEFAULT_MODEL
+    from lastmile.config import OFFLINE_DEFAULT_MODEL
 
     if cfg.model.random_init:
         return 0
     folder = Path(cfg.model.path)
     if cfg.model.path == OFFLINE_DEFAULT_MODEL:
-        from trainer.models import cache_dir
+        from lastmile.models import cache_dir
 
         folder = cache_dir() / "models" / OFFLINE_DEFAULT_MODEL
     if not folder.is_dir():
@@ -79,7 +79,7 @@ def _check_free_disk(cfg: Config, out: Path, factor: int) -> None:
 
 
 def _check_tracking(cfg: Config) -> None:
-    from trainer.tracking import tracking_uri
+    from lastmile.tracking import tracking_uri
 
     uri = tracking_uri(cfg)
     scheme = uri.split(":", 1)[0] if ":" in uri else ""

@@ -14,10 +14,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from trainer import checkpoint, distributed, tracking
-from trainer.config import Config
-from trainer.metrics import paired_bootstrap
-from trainer.stages.evaluate import COMPARED, SystemSpec, evaluate_systems
+from lastmile import checkpoint, distributed, tracking
+from lastmile.config import Config
+from lastmile.metrics import paired_bootstrap
+from lastmile.stages.evaluate import COMPARED, SystemSpec, evaluate_systems
 
 COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
                ("rl+post", "rl"))
@@ -56,12 +56,12 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
         return results
     import torch
 
-    from trainer.data.predictions import read_predictions
-    from trainer.data.prompts import PromptBuilder
-    from trainer.data.records import load_split
-    from trainer.models import ScalarRewardModel, load_reward_backbone, load_tokenizer
-    from trainer.stages.ppo_setup import reward_stats
-    from trainer.stages.reward_model import collate_sequences, prompt_ids_by_id, summary_ids
+    from lastmile.data.predictions import read_predictions
+    from lastmile.data.prompts import PromptBuilder
+    from lastmile.data.records import load_split
+    from lastmile.models import ScalarRewardModel, load_reward_backbone, load_tokenizer
+    from lastmile.stages.ppo_setup import reward_stats
+    from lastmile.stages.reward_model import collate_sequences, prompt_ids_by_id, summary_ids
 
     device = distributed.setup().device
     tokenizer = load_tokenizer(replace(cfg.model, path=str(rm_path), gguf_file=None, tokenizer_path=None))

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer import distributed, metrics
-from trainer.algorithms.rewards import hybrid_reward
-from trainer.config import RewardConfig
-from trainer.data.collate import collate_prompts
-from trainer.data.prompts import TokenizedExample
-from trainer.data.records import Example
-from trainer.hybrid_engine import HybridEngine, Sampling
+from lastmile import distributed, metrics
+from lastmile.algorithms.rewards import hybrid_reward
+from lastmile.config import RewardConfig
+from lastmile.data.collate import collate_prompts
+from lastmile.data.prompts import TokenizedExample
+from lastmile.data.records import Example
+from lastmile.hybrid_engine import HybridEngine, Sampling
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
-from trainer.config import PROJECT_ROOT, Config, flatten, to_dict
+from lastmile.config import PROJECT_ROOT, Config, flatten, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ class MlflowTracker:
 @contextlib.contextmanager
 def closing(tracker: Tracker):
     """End the run as FINISHED, as interrupted (a stop signal: it will resume), or as FAILED."""
-    from trainer import preemption
+    from lastmile import preemption
 
     status = "FAILED"
     try:
@@ -241,7 +241,7 @@ def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None =
     )
     log.info("MLflow run %s (%s) at %s", tracker.run_id, stage, uri)
     if record is not None:
-        from trainer.checkpoint import write_json_atomic
+        from lastmile.checkpoint import write_json_atomic
 
         record.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, {"run_id": tracker.run_id, "uri": uri})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.data.prompts import TokenizedExample
+from lastmile.data.prompts import TokenizedExample
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import json
 import re
 from pathlib import Path
 
-from trainer.data.records import Example
-from trainer.errors import DataError
+from lastmile.data.records import Example
+from lastmile.errors import DataError
 
 MISSING_POLICIES = ("error", "empty")
 MAX_REPORTED_LINES = 20

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.config import PromptConfig
-from trainer.data.records import Example
+from lastmile.config import PromptConfig
+from lastmile.data.records import Example
 
 
 @dataclass(frozen=True)

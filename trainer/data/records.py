@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from trainer.config import DataConfig, resolve_local_path, split_part
-from trainer.errors import DataError
+from lastmile.config import DataConfig, resolve_local_path, split_part
+from lastmile.errors import DataError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 MAX_REPORTED_PROBLEMS = 20

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.config import BatchPlan, TrainConfig
-from trainer.errors import ConfigError
+from lastmile.config import BatchPlan, TrainConfig
+from lastmile.errors import ConfigError
 
 
 def total_steps(train: TrainConfig, n_items: int, plan: BatchPlan, *, field_prefix: str, unit: str) -> int:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer import checkpoint, distributed, faults, preemption
-from trainer.config import Config, flatten, to_dict, to_yaml
-from trainer.distributed import DistInfo
-from trainer.errors import ConfigError
+from lastmile import checkpoint, distributed, faults, preemption
+from lastmile.config import Config, flatten, to_dict, to_yaml
+from lastmile.distributed import DistInfo
+from lastmile.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def write_stage_config(cfg: Config, stage_dir: Path, tracker, dist: DistInfo, *,
     (stage_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker.log_artifact(stage_dir / "config.yaml")
     tracker.log_params({f"runtime.{k}": v for k, v in runtime.items()})
-    from trainer.tracking import tracking_uri
+    from lastmile.tracking import tracking_uri
 
     where = tracking_uri(cfg) if cfg.tracking.enabled else "off"
     print(f"{stage_dir.name}: model {cfg.model.path}, data {cfg.data.source}, output {stage_dir}, tracking {where}, "

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import checkpoint, metrics, tracking
-from trainer.config import Config
-from trainer.errors import UserError
-from trainer.plots import plot_grid, plot_metric_bars
-from trainer.stages.evaluate import COMPARED, mlflow_name
+from lastmile import checkpoint, metrics, tracking
+from lastmile.config import Config
+from lastmile.errors import UserError
+from lastmile.plots import plot_grid, plot_metric_bars
+from lastmile.stages.evaluate import COMPARED, mlflow_name
 
 REPORTED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
 

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer import checkpoint, distributed, metrics, tracking
-from trainer.config import Config, flatten, to_dict
-from trainer.data.predictions import read_predictions
-from trainer.data.records import Example, load_split
-from trainer.distributed import DistInfo
-from trainer.errors import UserError
-from trainer.generation import generate_examples
-from trainer.plots import plot_histograms, plot_metric_bars
-from trainer.stages.common import model_identity, write_stage_config
+from lastmile import checkpoint, distributed, metrics, tracking
+from lastmile.config import Config, flatten, to_dict
+from lastmile.data.predictions import read_predictions
+from lastmile.data.records import Example, load_split
+from lastmile.distributed import DistInfo
+from lastmile.errors import UserError
+from lastmile.generation import generate_examples
+from lastmile.plots import plot_histograms, plot_metric_bars
+from lastmile.stages.common import model_identity, write_stage_config
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint, preemption
-from trainer.config import BatchPlan, Config, TrainConfig
-from trainer.distributed import DistInfo
-from trainer.tracking import Tracker
+from lastmile import checkpoint, preemption
+from lastmile.config import BatchPlan, Config, TrainConfig
+from lastmile.distributed import DistInfo
+from lastmile.tracking import Tracker
 
 
 @dataclass

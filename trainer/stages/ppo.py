@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from trainer import checkpoint, distributed, preemption, rollout, tracking
-from trainer.algorithms.advantages import compute_gae, group_advantages, masked_whiten
-from trainer.algorithms.kl import KLController, kl_per_token, shape_rewards
-from trainer.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
-from trainer.config import Config, PPOPlan
-from trainer.data.sampling import micro_batch_indices
-from trainer.distributed import DistInfo
-from trainer.errors import UserError
-from trainer.hybrid_engine import Sampling
-from trainer.rollout import Rollout, RolloutModels
-from trainer.stages import common, ppo_setup
-from trainer.stages.ppo_eval import Evaluator
+from lastmile import checkpoint, distributed, preemption, rollout, tracking
+from lastmile.algorithms.advantages import compute_gae, group_advantages, masked_whiten
+from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
+from lastmile.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
+from lastmile.config import Config, PPOPlan
+from lastmile.data.sampling import micro_batch_indices
+from lastmile.distributed import DistInfo
+from lastmile.errors import UserError
+from lastmile.hybrid_engine import Sampling
+from lastmile.rollout import Rollout, RolloutModels
+from lastmile.stages import common, ppo_setup
+from lastmile.stages.ppo_eval import Evaluator
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer import distributed, metrics, rollout
-from trainer.config import Config, PPOConfig
-from trainer.distributed import DistInfo
-from trainer.hybrid_engine import Sampling
+from lastmile import distributed, metrics, rollout
+from lastmile.config import Config, PPOConfig
+from lastmile.distributed import DistInfo
+from lastmile.hybrid_engine import Sampling
 
 
 class Evaluator:

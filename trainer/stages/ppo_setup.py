@@ -15,18 +15,18 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kernels.logprob import resolve_impl
-from trainer import checkpoint, distributed
-from trainer.config import Config, PPOPlan, plan_ppo, splits_overlap
-from trainer.data.prompts import PromptBuilder, TokenizedExample
-from trainer.data.records import Example, load_split
-from trainer.distributed import DistInfo
-from trainer.errors import ConfigError, UserError
-from trainer.hybrid_engine import HybridEngine
-from trainer.models import (ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of, load_causal_lm,
+from lastmile_kernels.logprob import resolve_impl
+from lastmile import checkpoint, distributed
+from lastmile.config import Config, PPOPlan, plan_ppo, splits_overlap
+from lastmile.data.prompts import PromptBuilder, TokenizedExample
+from lastmile.data.records import Example, load_split
+from lastmile.distributed import DistInfo
+from lastmile.errors import ConfigError, UserError
+from lastmile.hybrid_engine import HybridEngine
+from lastmile.models import (ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of, load_causal_lm,
                             load_reward_backbone, load_tokenizer)
-from trainer.plots import plot_grid
-from trainer.rollout import RolloutModels
+from lastmile.plots import plot_grid
+from lastmile.rollout import RolloutModels
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
     lastmile reward-model --config trainer/configs/tiny.yaml output_dir=runs/tiny
     deepspeed --num_gpus 2 trainer/main.py reward-model --config X deepspeed.config=zero3
 
-Pairs (document, reference, negative) come from trainer.data.negatives (synthetic failure modes,
+Pairs (document, reference, negative) come from lastmile.data.negatives (synthetic failure modes,
 mixed by `rm.mode_weights`) and optionally from a policy's own low-ROUGE samples. A scalar head on
 the SFT backbone is trained with the Bradley-Terry loss. At the end, on held-out examples
 (`data.dev_split`): pairwise accuracy and AUROC per failure mode, score distributions of references
@@ -22,21 +22,21 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint, distributed, metrics, tracking
-from trainer.algorithms.losses import auroc, pairwise_loss
-from trainer.config import FAILURE_MODES, BatchPlan, Config, plan_batches
-from trainer.data import sampling
-from trainer.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
-from trainer.data.predictions import read_predictions
-from trainer.data.prompts import PromptBuilder
-from trainer.data.records import Example, load_split
-from trainer.data.sampling import micro_batch_indices
-from trainer.errors import ConfigError, UserError
-from trainer.generation import generate_examples
-from trainer.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
-from trainer.plots import plot_histograms
-from trainer.stages import common
-from trainer.stages.loop import TrainContext, train_loop
+from lastmile import checkpoint, distributed, metrics, tracking
+from lastmile.algorithms.losses import auroc, pairwise_loss
+from lastmile.config import FAILURE_MODES, BatchPlan, Config, plan_batches
+from lastmile.data import sampling
+from lastmile.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
+from lastmile.data.predictions import read_predictions
+from lastmile.data.prompts import PromptBuilder
+from lastmile.data.records import Example, load_split
+from lastmile.data.sampling import micro_batch_indices
+from lastmile.errors import ConfigError, UserError
+from lastmile.generation import generate_examples
+from lastmile.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
+from lastmile.plots import plot_histograms
+from lastmile.stages import common
+from lastmile.stages.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 STATS_FILE = "reward_stats.json"

@@ -16,23 +16,23 @@ from pathlib import Path
 
 import torch
 
-from kernels.logprob import resolve_impl
-from trainer import checkpoint, distributed, tracking
-from trainer.algorithms.losses import token_mean_loss
-from trainer.config import BatchPlan, Config, plan_batches
-from trainer.data import sampling
-from trainer.data.collate import SFTBatch, collate_packed, collate_sft
-from trainer.data.prompts import PromptBuilder, TokenizedExample
-from trainer.data.records import load_split
-from trainer.data.sampling import micro_batch_indices
-from trainer.distributed import DistInfo
-from trainer.errors import UserError
-from trainer.generation import generate
-from trainer.hybrid_engine import HybridEngine
-from trainer.models import TokenLogprobModel, count_parameters, hidden_size_of, load_causal_lm, load_tokenizer
-from trainer.plots import plot_curves
-from trainer.stages import common
-from trainer.stages.loop import TrainContext, train_loop
+from lastmile_kernels.logprob import resolve_impl
+from lastmile import checkpoint, distributed, tracking
+from lastmile.algorithms.losses import token_mean_loss
+from lastmile.config import BatchPlan, Config, plan_batches
+from lastmile.data import sampling
+from lastmile.data.collate import SFTBatch, collate_packed, collate_sft
+from lastmile.data.prompts import PromptBuilder, TokenizedExample
+from lastmile.data.records import load_split
+from lastmile.data.sampling import micro_batch_indices
+from lastmile.distributed import DistInfo
+from lastmile.errors import UserError
+from lastmile.generation import generate
+from lastmile.hybrid_engine import HybridEngine
+from lastmile.models import TokenLogprobModel, count_parameters, hidden_size_of, load_causal_lm, load_tokenizer
+from lastmile.plots import plot_curves
+from lastmile.stages import common
+from lastmile.stages.loop import TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ size (N, V) is written.
 Backward: per vocabulary chunk, the chunk's logits are recomputed with one matmul into a single
 (N, chunk) buffer, a fused Triton kernel turns them in place into d loss / d logits
 (  g_lp * (1[v = t] - p) - g_ent * p * (z - E[z])  ) / T, and two matmuls accumulate the hidden
-and weight gradients. Same math as the chunked PyTorch version (see kernels/logprob.py).
+and weight gradients. Same math as the chunked PyTorch version (see kernels/lastmile_kernels/logprob.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Implementations, behind `token_logprobs(..., impl="auto")`:
 - `chunked`: PyTorch, a custom autograd function that walks the vocabulary in chunks with an online
   logsumexp in the forward pass and recomputes each chunk's logits in the backward pass, so neither
   pass holds more than (N, chunk) at once. Runs everywhere.
-- `triton`: the same algorithm as Triton kernels (kernels/triton_logprob.py), CUDA only.
+- `triton`: the same algorithm as Triton kernels (kernels/lastmile_kernels/triton_logprob.py), CUDA only.
 
 `token_logprob_sum` is the fast path for objectives linear in the log-probs (SFT): it forms all
 gradients in the forward pass, chunked over rows, with the reference's 3 matmuls.
@@ -246,7 +246,7 @@ def token_logprobs(
     if chosen == "reference":
         return reference_token_logprobs(hidden, weight, targets, temperature, with_entropy=with_entropy)
     if chosen == "triton":
-        from kernels.triton_logprob import triton_token_logprobs
+        from lastmile_kernels.triton_logprob import triton_token_logprobs
 
         return triton_token_logprobs(hidden, weight, targets, temperature, with_entropy=with_entropy)
     return chunked_token_logprobs(hidden, weight, targets, temperature, with_entropy=with_entropy, chunk_size=chunk_size)
