@@ -57,7 +57,7 @@ def worker_zero3(args) -> None:
     mine = collate(prompts[dist.rank * args.batch : (dist.rank + 1) * args.batch], tok.pad_token_id)
     optim = OptimSettings(1e-6, 0.0, 0, "constant", 1.0)
     ds = distributed.ds_config_for("zero3", plan_batches(dist.world_size, 1, dist.world_size), optim, hidden_size=576)
-    lm, _ = load_causal_lm(ModelConfig(), dist.device, ds=ds)
+    lm, _ = load_causal_lm(ModelConfig(), dist.device, seed=0, ds=ds)
     engine = distributed.build_engine(TokenLogprobModel(lm), ds, optim, total_steps=1)
     hybrid = HybridEngine(engine, lm, ds, dist.device, gather="all", world_size=dist.world_size)
     sampling = Sampling(args.new_tokens, do_sample=False)
@@ -108,7 +108,7 @@ def worker_single(args) -> None:
     from lastmile.models import load_causal_lm
 
     tok, prompts, collate = _prompts(args.batch * args.world, args.doc_tokens)
-    lm, _ = load_causal_lm(ModelConfig(), torch.device("cpu"))
+    lm, _ = load_causal_lm(ModelConfig(), torch.device("cpu"), seed=0)
     lm.eval()
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

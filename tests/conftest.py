@@ -82,7 +82,7 @@ def tiny_lm():
     from lastmile.models import load_causal_lm
 
     cfg = load_config(TINY)
-    lm, _ = load_causal_lm(cfg.model, torch.device("cpu"))
+    lm, _ = load_causal_lm(cfg.model, torch.device("cpu"), seed=cfg.seed)
     return lm
 
 
@@ -102,3 +102,13 @@ def tiny_pipeline(tiny_sft_run):
     proc = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_run(tiny_sft_run):
+    """`lastmile reward-model` after the SFT run, in its folder: sft/ and reward_model/ as the two
+    commands leave them. The reward-model test in test_e2e and the pipeline find the stage complete."""
+    out = tiny_sft_run
+    proc = run_cli("reward-model", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out

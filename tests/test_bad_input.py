@@ -48,6 +48,7 @@ def _preds(tmp: Path, rows) -> Path:
 
 
 GOOD_ROW = {"id": "a", "document": "We study things. " * 10, "summary": "Things are studied."}
+DUPLICATED = [GOOD_ROW, {**GOOD_ROW, "id": "b"}, {**GOOD_ROW, "summary": "Other things are studied."}]
 
 # (case id, command, overrides: a function of the case's tmp folder, expected message fragment)
 CASES = [
@@ -93,13 +94,20 @@ CASES = [
     ("data-empty-summary", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, {**GOOD_ROW, 'summary': ' '}])}",
                                              "data.references_field=null"], "field 'summary' is empty"),
     ("data-not-utf8", "sft", lambda t: [f"data.source={_latin1(_data_folder(t, [GOOD_ROW]))}"], "line 2: not UTF-8 text"),
-    ("tokenizer-missing", "sft", lambda t: [f"model.path={_sft_like(t)}", "model.random_init=false"],
+    ("tokenizer-missing", "sft", lambda t: [f"model.path={_with_weights(_sft_like(t))}", "model.random_init=false"],
      "has no usable tokenizer"),
+    ("tokenizer-path-missing", "sft", lambda t: [f"model.tokenizer_path={t / 'nowhere'}"],
+     "model.tokenizer_path ({case}/nowhere) does not exist."),
     ("data-wrong-field", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW])}", "data.document_field=text"],
      "field 'text' is missing"),
     ("data-wrong-type", "sft", lambda t: [f"data.source={_data_folder(t, [GOOD_ROW, {**GOOD_ROW, 'summary': ['a']}])}",
                                           "data.references_field=null"], """row 2 (line 2): field 'summary' is a list (["a"]), not text"""),
     ("split-part-unknown", "sft", lambda t: ["data.eval_split=test@half"], "data.eval_split (test@half) ends in an unknown part."),
+    ("eval-duplicate-ids", "evaluate", lambda t: [f"data.source={_duplicated(t)}", "data.references_field=null",
+                                                 f"eval.predictions={_preds(t, [{'id': 'a', 'prediction': 'x'}])}"],
+     "data.eval_split (test): {case}/data/test.jsonl has 1 duplicated example id(s): 'a' (rows 1, 3)."),
+    ("dev-duplicate-ids", "sft", lambda t: [f"data.source={_duplicated(t)}", "data.references_field=null"],
+     "data.dev_split (validation): {case}/data/validation.jsonl has 1 duplicated example id(s): 'a' (rows 1, 3)."),
     ("dev-fraction", "sft", lambda t: ["data.dev_fraction=1.5"], "data.dev_fraction (1.5) must be in (0, 1)"),
     ("ppo-split-parts-overlap", "ppo", lambda t: ["data.dev_split=test@dev"],
      "data.dev_split (test@dev) overlaps data.eval_split (test)."),
@@ -121,13 +129,22 @@ CASES = [
     ("model-missing", "sft", lambda t: [f"model.path={t / 'nothing'}", "model.random_init=false"], "does not exist."),
     ("model-no-config", "sft", lambda t: [f"model.path={t}", "model.random_init=false"], "is a folder without config.json."),
     ("model-no-weights", "sft", lambda t: [f"model.path={_config_only(t)}", "model.random_init=false"],
-     "has a config but its weights could not be loaded"),
+     "model.path ({case}/cfg_only) has config.json but no weights (no *.safetensors or *.bin file)."),
+    ("model-no-weights-no-tokenizer", "sft", lambda t: [f"model.path={_sft_like(t)}", "model.random_init=false"],
+     "model.path ({case}/sft_model) has config.json but no weights"),
+    ("model-weights-truncated", "sft", lambda t: [f"model.path={_cut_weights(t)}", "model.random_init=false"],
+     "model.path ({case}/cfg_only): model.safetensors is 1048576 bytes; its header describes"),
+    ("rm-init-missing", "reward-model", lambda t: [f"rm.init={t / 'nowhere'}"], "rm.init ({case}/nowhere) does not exist."),
     ("model-corrupt-gguf", "sft", lambda t: [f"model.path={_corrupt_gguf(t)}", "model.random_init=false"],
      "could not be read as a GGUF model"),
     ("model-override-field", "sft", lambda t: ["model.config_overrides={no_such_field: 1}"],
      "model.config_overrides.no_such_field is not a field of LlamaConfig."),
     ("model-override-type", "sft", lambda t: ["model.config_overrides={num_hidden_layers: two}"],
      "model.config_overrides.num_hidden_layers ('two') must be an int"),
+    ("model-override-not-a-number", "sft", lambda t: ["model.config_overrides.hidden_size=abc"],
+     "model.config_overrides.hidden_size ('abc') must be an int like the model's own value (576)."),
+    ("model-override-impossible-shape", "sft", lambda t: ["model.config_overrides.num_key_value_heads=3"],
+     "model.config_overrides.num_key_value_heads (3) does not divide num_attention_heads (4)."),
     ("evaluate-without-sft", "evaluate", lambda t: [], "holds no model. Run `lastmile sft` with the same output_dir first"),
     ("ppo-without-sft", "ppo", lambda t: [], "ppo.init is unset and"),
     ("ppo-without-reward-model", "ppo", lambda t: [f"ppo.init={_sft_like(t)}"], "holds no reward model. Run `lastmile reward-model`"),
@@ -144,6 +161,10 @@ CASES = [
     ("disk-too-small", "sft", lambda t: [f"model.path={_huge_model(t)}", "model.random_init=false"],
      "GB free; this run needs about 4096.0 GB (4x the model's 1024.00 GB of weights", 74),
     ("compare-unknown-source", "compare", lambda t: [str(t / "nowhere")], "is neither an evaluation folder"),
+    ("compare-cut-results", "compare", lambda t: [str(_evaluation(t, cut_results=True))],
+     "SOURCE ({case}/eval) is a damaged evaluation: results.json is not valid JSON"),
+    ("compare-sample-without-system", "compare", lambda t: [str(_evaluation(t, drop="model+post"))],
+     "SOURCE ({case}/eval) is a damaged evaluation: samples.jsonl line 2 has no 'model+post'"),
 ]
 
 
@@ -157,6 +178,45 @@ def _config_only(t: Path) -> Path:
     for f in src.iterdir():  # everything but the weights
         if f.is_file() and f.suffix != ".safetensors":
             (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+def _duplicated(t: Path) -> Path:
+    """Evaluation and dev splits where id 'a' is on rows 1 and 3; 16 distinct training examples."""
+    d = _data_folder(t, DUPLICATED)
+    _jsonl(d / "train.jsonl", [{**GOOD_ROW, "id": f"t{i}"} for i in range(16)])
+    return d
+
+
+def _with_weights(d: Path) -> Path:
+    """A valid safetensors file holding no tensors: the folder has weights, and nothing else of a model."""
+    (d / "model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
+    return d
+
+
+def _cut_weights(t: Path) -> Path:
+    """The offline model's folder with its weights cut after 1 MiB (a copy that stopped)."""
+    from lastmile.config import load_config
+    from lastmile.models import resolve_model_path
+
+    d = _config_only(t)
+    with open(Path(resolve_model_path(load_config(TINY).model.path)) / "model.safetensors", "rb") as f:
+        (d / "model.safetensors").write_bytes(f.read(1 << 20))
+    return d
+
+
+def _evaluation(t: Path, *, cut_results: bool = False, drop: str | None = None) -> Path:
+    """An evaluation folder as `lastmile evaluate` writes it (two systems, three examples), damaged."""
+    d = t / "eval"
+    d.mkdir()
+    systems = ("model", "model+post")
+    results = {"systems": {n: {"rougeL": 0.5} for n in systems},
+               "per_example": {n: {"rougeL": [0.4, 0.5, 0.6]} for n in systems}}
+    text = json.dumps(results)
+    (d / "results.json").write_text(text[: len(text) // 2] if cut_results else text)
+    rows = [{"id": f"p{i}", "reference": "r", **{n: f"summary {i}" for n in systems}} for i in range(3)]
+    rows[1].pop(drop, None)
+    _jsonl(d / "samples.jsonl", rows)
     return d
 
 
@@ -203,8 +263,8 @@ def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
     case_dir.mkdir()
     out = tmp_path / "out"
     args = overrides(case_dir)
-    if "{first}" in expected:
-        expected = expected.format(first=_ids(1)[0])
+    if "{" in expected:
+        expected = expected.format(first=_ids(1)[0] if "{first}" in expected else "", case=case_dir)
     argv = [command, "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false", *args]
     code = main(argv)
     err = capsys.readouterr().err
@@ -212,6 +272,119 @@ def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
     assert expected in err, err[-2000:]
     assert "Traceback" not in err
     assert not list(Path(tmp_path).rglob("DONE.json"))  # nothing that looks complete
+
+
+# Model inputs against their roles, in a run folder `r` as `lastmile sft` and `lastmile reward-model`
+# leave it (a copy of the tiny_rm_run fixture). (case id, command, overrides: a function of r and the
+# case's tmp folder, expected fragment with {r} and {case} filled in.)
+CUT_STATS = '{"mean": 0.1, "st'  # reward_stats.json cut short
+RUN_CASES = [
+    ("reward-model-is-causal-lm", "ppo", lambda r, t: [f"ppo.reward.model={r}/sft/model"],
+     "ppo.reward.model ({r}/sft/model) is a LlamaForCausalLM, not a trained reward model."),
+    ("actor-is-reward-model", "ppo", lambda r, t: [f"ppo.init={r}/reward_model/model"],
+     "ppo.init ({r}/reward_model/model) is a LlamaForSequenceClassification, not a causal language model."),
+    ("eval-model-is-reward-model", "evaluate", lambda r, t: [f"eval.model={r}/reward_model/model"],
+     "eval.model ({r}/reward_model/model) is a LlamaForSequenceClassification, not a causal language model."),
+    ("reward-stats-missing", "ppo", lambda r, t: [f"ppo.reward.model={_rm_copy(r, t, stats=None)}"],
+     "ppo.reward.model ({case}/rm) has no reward_stats.json."),
+    ("reward-stats-not-json", "ppo", lambda r, t: [f"ppo.reward.model={_rm_copy(r, t, stats=CUT_STATS)}"],
+     "ppo.reward.model ({case}/rm): reward_stats.json is not valid JSON"),
+    ("reward-model-smaller-vocabulary", "ppo", lambda r, t: [f"ppo.reward.model={_rm_copy(r, t, vocab_size=1000)}"],
+     "ppo.reward.model ({case}/rm) has a vocabulary of 1000 tokens, fewer than the 49152 of the actor ({r}/sft/model)."),
+    ("reward-model-other-tokenizer", "ppo", lambda r, t: [f"ppo.reward.model={_rm_copy(r, t, extra_token='zqzq')}"],
+     "ppo.reward.model ({case}/rm) has another tokenizer than the actor ({r}/sft/model): 49153 vs 49152 tokens"),
+    ("reward-model-weights-truncated", "ppo", lambda r, t: [f"ppo.reward.model={_rm_copy(r, t, cut_weights=True)}"],
+     "ppo.reward.model ({case}/rm): model.safetensors is"),
+]
+
+
+def _copy_run(src: Path, dest: Path) -> Path:
+    import shutil
+
+    for stage in ("sft", "reward_model"):
+        shutil.copytree(src / stage, dest / stage)
+    return dest
+
+
+def _rm_copy(r: Path, t: Path, *, stats: str | None = "keep", vocab_size: int | None = None,
+             extra_token: str | None = None, cut_weights: bool = False) -> Path:
+    """A copy of r's reward model with one thing changed."""
+    import shutil
+
+    d = shutil.copytree(r / "reward_model" / "model", t / "rm")
+    if stats != "keep":
+        (d / "reward_stats.json").unlink()
+        if stats is not None:
+            (d / "reward_stats.json").write_text(stats)
+    if vocab_size:
+        config = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**config, "vocab_size": vocab_size}))
+    if extra_token:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(d)
+        tok.add_tokens([extra_token])
+        tok.save_pretrained(d)
+    if cut_weights:
+        w = d / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    return d
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under folder (but the output-dir lock) with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lastmile.lock"}
+
+
+@pytest.mark.parametrize("case", RUN_CASES, ids=[c[0] for c in RUN_CASES])
+def test_a_model_input_in_the_wrong_role_is_refused_before_anything_is_written(case, tiny_rm_run, tmp_path, capsys):
+    name, command, overrides, expected = case
+    r = _copy_run(tiny_rm_run, tmp_path / "r")
+    case_dir = tmp_path / "case"
+    case_dir.mkdir()
+    args = overrides(r, case_dir)
+    before = _tree(r)
+    code = main([command, "--config", str(TINY), f"output_dir={r}", "tracking.enabled=false", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert expected.format(r=r, case=case_dir) in err, err[-2000:]
+    assert "Traceback" not in err
+    assert _tree(r) == before  # nothing written, nothing lost: no ppo/ or eval/ folder, the inputs untouched
+
+
+def test_a_done_marker_whose_model_is_gone_or_damaged_is_not_done(tiny_rm_run, tmp_path, capsys):
+    """The loop of issue 21: reward_model/model deleted, DONE.json kept; PPO said "run `lastmile
+    reward-model`", which answered "already complete; skipping". Now the stage says why it is not done,
+    removes the marker and runs again; a model cut short (a file of another size than its manifest says)
+    is treated the same."""
+    import shutil
+
+    from lastmile.config import load_config
+    from lastmile.stages import common
+
+    r = _copy_run(tiny_rm_run, tmp_path / "r")
+    cfg = load_config(TINY, [f"output_dir={r}", "tracking.enabled=false"])
+    shutil.rmtree(r / "reward_model" / "model")
+    start = common.begin(cfg, "reward_model", "Reward model", inputs={"init": str(r / "sft" / "model")})
+    out = capsys.readouterr().out
+    assert not start.done and not (r / "reward_model" / "DONE.json").exists()
+    assert (f"Reward model in {r / 'reward_model'} is marked complete (DONE.json), but its outputs do not verify: "
+            f"{r / 'reward_model' / 'model'} is missing.") in out and "running Reward model again" in out
+    weights = r / "sft" / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    start = common.begin(cfg, "sft", "SFT", inputs={"base": cfg.model.path})
+    out = capsys.readouterr().out
+    assert not start.done and f"{weights} has 1000 bytes" in out and "running SFT again" in out
+    assert not (r / "sft" / "DONE.json").exists()
+
+
+def test_config_that_is_a_folder_names_the_folder(tmp_path, capsys):
+    code = main(["sft", "--config", str(TINY.parent), f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"--config ({TINY.parent}) is a folder, not a YAML file." in err and "tiny.yaml" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_second_run_on_one_output_dir_is_refused(tmp_path, capsys):

@@ -30,8 +30,9 @@ def test_tiny_sft_lowers_loss_and_writes_a_loadable_model(tiny_sft_run):
     model = AutoModelForCausalLM.from_pretrained(tiny_sft_run / "sft" / "model")
     assert model.config.num_hidden_layers == 2
     assert (tiny_sft_run / "sft" / "loss_curve.png").stat().st_size > 1000
-    # a finished stage keeps its published model (verified by its manifest), not its checkpoints
-    assert not (tiny_sft_run / "sft" / "checkpoints").exists()
+    # a finished stage keeps its published model (verified by its manifest) and only its final checkpoint,
+    # which a larger sft.max_steps / sft.epochs continues from (tests/test_continue.py)
+    assert [p.name for p in (tiny_sft_run / "sft" / "checkpoints").iterdir()] == ["step-0000012"]
     from lastmile.checkpoint import verify_manifest
 
     assert verify_manifest(tiny_sft_run / "sft" / "model") == [] and (tiny_sft_run / "sft/model/MANIFEST.json").is_file()
@@ -184,6 +185,7 @@ def test_two_rank_zero3_evaluation_generates_what_one_process_does(tiny_sft_run,
 
 def test_tiny_reward_model_learns_and_round_trips(tiny_sft_run):
     import torch
+    from mlflow.tracking import MlflowClient
     from transformers import AutoModelForSequenceClassification
 
     out = tiny_sft_run
@@ -192,7 +194,13 @@ def test_tiny_reward_model_learns_and_round_trips(tiny_sft_run):
     res = json.loads((out / "reward_model" / "results.json").read_text())
     assert set(res["per_mode"]) == {"random_tokens", "irrelevant", "shuffled_words", "shuffled_sentences",
                                     "repetition", "truncated", "source_copy", "hallucination"}
-    assert res["per_mode"]["random_tokens"]["accuracy"] > 0.8  # the easiest mode is learned on the tiny model
+    # The tiny model learns its training pairs (Bradley-Terry loss from log 2 = 0.693 to about 0.3 on every seed
+    # tried). Its accuracy on the 8 held-out papers is not asserted: for random_tokens it ranged from 0.25 to 1.0
+    # across seeds and reward-head initializations, so a threshold there would test the seed, not the code.
+    runs = _mlflow_runs(out)
+    rm_run_id = runs[runs["tags.lastmile.stage"] == "reward_model"].iloc[0]["run_id"]
+    losses = [m.value for m in sorted(MlflowClient().get_metric_history(rm_run_id, "rm/loss"), key=lambda m: m.step)]
+    assert len(losses) >= 16 and sum(losses[-8:]) / 8 < 0.5 < sum(losses[:4]) / 4, losses
     assert len(res["fooled"]) == 20 and res["reward_stats"]["std"] > 0
     model_dir = out / "reward_model" / "model"
     stats = json.loads((model_dir / "reward_stats.json").read_text())

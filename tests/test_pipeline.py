@@ -2,6 +2,7 @@
 stage identities, a PPO kill and exact resume, and PPO under 2-rank ZeRO-3. Real CLI subprocesses."""
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,35 @@ def test_ppo_stops_on_an_alarm_and_publishes_the_best_checkpoint(tiny_pipeline, 
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
+
+
+def test_critic_free_ppo_trains_end_to_end_without_a_critic(tiny_pipeline, tmp_path):
+    """`ppo.advantage=rloo`: no critic is built, trained or saved; the policy still updates, the run
+    evaluates, checkpoints and publishes a model transformers loads. One epoch in one minibatch, so the
+    update's own forward gives the old log-probs (ppo.old_logprobs=auto), and the parity check compares
+    the generation-time log-probs with it."""
+    src, _ = tiny_pipeline
+    out = tmp_path / "rloo"
+    proc = run_cli("ppo", "--config", str(TINY), f"output_dir={out}", f"ppo.init={src / 'sft' / 'model'}",
+                   f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.advantage=rloo", "ppo.iterations=2", "ppo.epochs=1", "ppo.minibatch_size=8",
+                   "ppo.save_every=1", "ppo.keep_checkpoints=2", "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "ppo" / "history.json").read_text())
+    assert [h["iteration"] for h in summary["history"]] == [1, 2]
+    for h in summary["history"]:
+        assert not any(k.startswith("value/") for k in h)  # no critic step ran
+        assert h["policy/ratio"] == pytest.approx(1.0) and math.isfinite(h["policy/loss"])  # old = this forward
+        assert h["parity/max_abs"] < 1e-3 and h["time/generation_s"] > 0 and "time/old_logprobs_s" not in h
+    assert "old_logprobs update" in proc.stdout + proc.stderr  # the resolved choice, logged
+    assert [e["iteration"] for e in summary["evals"]] == [0, 2]
+    assert (out / "ppo" / "DONE.json").is_file()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(src / "sft" / "model")
+    after = AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
+    if summary["best"]["iteration"] > 0:  # the published model is a trained one: its weights moved
+        assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True))
 
 
 @pytest.mark.distributed

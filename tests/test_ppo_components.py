@@ -3,13 +3,14 @@ partitioning machinery as with many): EOS truncation, the hybrid engine's genera
 plain `generate`, log-prob parity, one update, and 1x8 = 8x1 micro-batching through DeepSpeed."""
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lastmile import distributed
-from lastmile.config import OptimSettings, PPOConfig, load_config, plan_ppo
+from lastmile.config import OptimSettings, load_config, plan_ppo
 from lastmile.hybrid_engine import HybridEngine, Sampling, truncate_after_eos
 from lastmile.models import TokenLogprobModel, load_causal_lm
 from lastmile.rollout import Rollout, RolloutModels, response_logprobs
@@ -35,7 +36,7 @@ def dist():
 def _engine(stage: int, micro: int, accum: int, lm=None):
     cfg = load_config(TINY)
     if lm is None:
-        lm, _ = load_causal_lm(cfg.model, torch.device("cpu"))
+        lm, _ = load_causal_lm(cfg.model, torch.device("cpu"), seed=cfg.seed)
     plan = plan_ppo(8, 1, micro * accum, micro, 1, 1).train
     ds = distributed.ds_config_for(f"zero{stage}", plan, OPTIM, hidden_size=lm.config.hidden_size)
     engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl="chunked"), ds, OPTIM, total_steps=10)
@@ -61,7 +62,7 @@ def test_generation_mode_matches_plain_generate_and_training_resumes(dist, token
         assert all(p.numel() == p.ds_numel for p in lm.parameters())  # whole weights while generating
         g = hybrid.generate(ids, mask, Sampling(12, do_sample=False), eos_id=tokenizer.eos_token_id,
                             pad_id=tokenizer.pad_token_id)
-    plain = load_causal_lm(load_config(TINY).model, torch.device("cpu"))[0].eval()
+    plain = load_causal_lm(load_config(TINY).model, torch.device("cpu"), seed=0)[0].eval()
     missing, _ = plain.load_state_dict(full, strict=False)
     assert set(missing) <= {"lm_head.weight"}  # tied to the input embedding
     with torch.no_grad():
@@ -75,7 +76,7 @@ def test_generation_mode_matches_plain_generate_and_training_resumes(dist, token
     # parity: the training forward reproduces the log-probs recorded while generating
     r = Rollout((0, 1, 2, 3), ids, mask, g.response_ids, g.response_mask, g.ended, ("",) * 4, g.logprobs)
     models = RolloutModels(hybrid, engine, None, None, None, tokenizer, {"mean": 0.0, "std": 1.0},
-                           torch.device("cpu"), "fp32", 2, "chunked")
+                           torch.device("cpu"), "fp32", 2)
     train_lp = response_logprobs(engine, r, models)
     assert (train_lp - g.logprobs)[g.response_mask].abs().max() < 1e-4
     # sampling at a temperature: the training forward at that temperature reproduces the recorded log-probs
@@ -109,9 +110,12 @@ def _fake_rollout(n=8, P=5, R=6, seed=1):
                    scores=torch.randn(n, generator=g))
 
 
-def _update_gradients(micro: int, accum: int, lm) -> dict[str, torch.Tensor]:
+def _update_gradients(micro: int, accum: int, lm, *, old_from: str = "given",
+                      record: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The actor's gradients at the optimizer step (before clipping and the step itself), read through
-    the real ZeRO-3 engine with `safe_get_full_grad` while one PPO update runs."""
+    the real ZeRO-3 engine with `safe_get_full_grad` while one PPO update runs. `old_from`: the fake
+    rollout's old log-probs (`given`), a separate training forward (`forward`), or none, so that the
+    update's own forward gives them (`update`, into `record`)."""
     from deepspeed.utils import safe_get_full_grad
 
     from lastmile.stages import ppo
@@ -128,11 +132,15 @@ def _update_gradients(micro: int, accum: int, lm) -> dict[str, torch.Tensor]:
     engine.step = step
     cfg = load_config(TINY, ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.clip_range=0.2", "ppo.epochs=1"])
     plan = plan_ppo(8 // 2, 2, 8, micro, 1, 1)
-    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", micro, "chunked")
+    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", micro)
     ctx = SimpleNamespace(cfg=cfg, plan=plan, models=models, dist=SimpleNamespace(rank=0))
     b = _fake_rollout()
+    if old_from == "forward":
+        b = dataclasses.replace(b, old_logprobs=response_logprobs(engine, b, models))
+    elif old_from == "update":
+        b = dataclasses.replace(b, old_logprobs=None)
     adv = torch.linspace(-1, 1, 8)[:, None] * b.response_mask
-    stats = ppo.update(ctx, b, adv, None, iteration=0)
+    stats = ppo.update(ctx, b, adv, None, iteration=0, record=record)
     assert stats["policy/clipfrac"] >= 0 and torch.isfinite(torch.tensor(stats["policy/loss"]))
     return grads
 
@@ -140,7 +148,7 @@ def _update_gradients(micro: int, accum: int, lm) -> dict[str, torch.Tensor]:
 def test_one_by_eight_equals_eight_by_one_through_deepspeed(dist):
     """The same minibatch as 1 micro-batch of 8 or 8 accumulated micro-batches of 1 (ZeRO-3 engine):
     the same gradient, element by element (a wrong scale or a dropped micro-batch would show)."""
-    base, _ = load_causal_lm(load_config(TINY).model, torch.device("cpu"))
+    base, _ = load_causal_lm(load_config(TINY).model, torch.device("cpu"), seed=0)
     a = _update_gradients(8, 1, copy.deepcopy(base))
     b = _update_gradients(1, 8, copy.deepcopy(base))
     assert a.keys() == b.keys() and len(a) > 5
@@ -150,13 +158,45 @@ def test_one_by_eight_equals_eight_by_one_through_deepspeed(dist):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6 * norm), k
 
 
+def test_old_logprobs_from_the_update_forward_equal_a_separate_forward(dist):
+    """ppo.old_logprobs=update (one epoch, one minibatch): the update's own forward, detached, serves as
+    the old log-probs. Same values as the separate training forward (to 1e-5) and the same gradients."""
+    base, _ = load_causal_lm(load_config(TINY).model, torch.device("cpu"), seed=0)
+    engine, _, _ = _engine(3, 4, 2, lm=copy.deepcopy(base))
+    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", 4)
+    separate = response_logprobs(engine, _fake_rollout(), models)
+    record = torch.full_like(separate, float("nan"))
+    from_forward = _update_gradients(4, 2, copy.deepcopy(base), old_from="forward")
+    from_update = _update_gradients(4, 2, copy.deepcopy(base), old_from="update", record=record)
+    mask = _fake_rollout().response_mask
+    assert (record - separate)[mask].abs().max() < 1e-5
+    norm = torch.sqrt(sum((g.float() ** 2).sum() for g in from_forward.values())).item()
+    assert norm > 1e-6 and from_forward.keys() == from_update.keys()
+    for k in from_forward:
+        assert torch.allclose(from_forward[k], from_update[k], rtol=1e-5, atol=1e-6 * norm), k
+
+
+def test_old_logprobs_update_needs_one_pass_in_one_minibatch():
+    from lastmile.plan import make_plan
+    from lastmile.stages.ppo_setup import resolve_old_logprobs
+
+    cfg = load_config(TINY, ["ppo.old_logprobs=update"])  # tiny: 2 epochs of 2 minibatches
+    assert any(p.startswith("ppo.old_logprobs (update) needs one pass") for p in make_plan(cfg, "ppo", 1).problems)
+    one_pass = load_config(TINY, ["ppo.epochs=1", "ppo.minibatch_size=8"])
+    p = make_plan(one_pass, "ppo", 1).ppo
+    assert resolve_old_logprobs(one_pass.ppo, p, bf16=False) == "update"
+    assert resolve_old_logprobs(one_pass.ppo, p, bf16=True) == "forward"  # generation and training forwards differ
+    assert resolve_old_logprobs(cfg.ppo, make_plan(load_config(TINY), "ppo", 1).ppo, bf16=False) == "update"
+    assert resolve_old_logprobs(load_config(TINY).ppo, make_plan(load_config(TINY), "ppo", 1).ppo, bf16=False) == "forward"
+
+
 def test_update_lowers_the_surrogate(dist):
     """One PPO update on fixed advantages raises the log-prob of positive-advantage tokens."""
     from lastmile.stages import ppo
 
     engine, lm, _ = _engine(2, 4, 2)
     cfg = load_config(TINY)
-    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", 4, "chunked")
+    models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", 4)
     b = _fake_rollout()
     first = response_logprobs(engine, b, models)
     b = Rollout(**{**b.__dict__, "old_logprobs": first})
@@ -178,7 +218,6 @@ def test_ppo_batch_plan_divides_exactly():
         plan_ppo(8, 4, 12, 2, 1, 2)
     with pytest.raises(ConfigError, match="prompts_per_iteration"):
         plan_ppo(3, 1, 3, 1, 1, 2)
-    assert PPOConfig().advantage == "gae"
 
 
 def test_non_finite_rewards_skip_the_rollout_then_stop_the_run(dist):
@@ -218,4 +257,5 @@ def test_critic_starts_in_the_reward_units():
     assert values.shape == (3, 6)
     torch.testing.assert_close(values[:, -1], weight * (raw - mean) / std, rtol=1e-4, atol=1e-4)
     assert [n for n, p in critic.named_parameters() if p.requires_grad and n == "shift"] == ["shift"]
-    torch.testing.assert_close(ValueModel(rm)(ids, mask)[:, -1], raw, rtol=1e-4, atol=1e-4)  # the default: raw
+    identity = ValueModel(rm, scale=1.0, shift=0.0)  # no rescaling: the raw score itself
+    torch.testing.assert_close(identity(ids, mask)[:, -1], raw, rtol=1e-4, atol=1e-4)

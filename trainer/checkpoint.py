@@ -177,7 +177,16 @@ def _full_disk_as_oserror(root: Path, partial: Path):
                 full = shutil.disk_usage(root).free < (64 << 20)
             except OSError:
                 pass
-        if full:
+        if full:  # the partial folder is useless and holds the space that ending the MLflow run needs
+            import gc
+            import traceback
+
+            failed: BaseException | None = e  # the failed write's frames keep its file open, and its space
+            while failed is not None:
+                traceback.clear_frames(failed.__traceback__)
+                failed = failed.__context__
+            gc.collect()
+            shutil.rmtree(partial, ignore_errors=True)
             raise OSError(errno.ENOSPC, "No space left on device", str(partial)) from None
         raise
 

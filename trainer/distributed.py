@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lastmile.config import BatchPlan, OptimSettings, resolve_ds_config_path
+from lastmile.config import BatchPlan, OptimSettings, plan_batches, resolve_ds_config_path
 from lastmile.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,8 @@ def load_ds_config(name: str) -> dict[str, Any]:
 def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int) -> dict[str, Any]:
     """Replace every "auto" with a value derived from our config; refuse contradictions.
 
-    Precision is ours (torch.autocast, see trainer.precision), so DeepSpeed's fp16/bf16 stay off.
+    Precision is ours (torch.autocast per the `precision` setting: `autocast` below), so DeepSpeed's
+    fp16/bf16 stay off.
     """
     ds = copy.deepcopy(raw)
     wanted = {
@@ -195,6 +196,15 @@ def ds_config_for(ds_config: str, plan: BatchPlan, optim: OptimSettings, *, hidd
     return fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=optim.max_grad_norm, hidden_size=hidden_size)
 
 
+def inference_ds_config(ds_config: str, world_size: int, *, hidden_size: int) -> dict[str, Any]:
+    """The filled DeepSpeed dict for a model that only generates or scores (nothing trains, so no
+    optimizer settings): one sequence per rank for DeepSpeed's batch arithmetic, no gradient clipping."""
+    raw = load_ds_config(ds_config)
+    clip = raw.get("gradient_clipping")  # irrelevant without training: take the JSON's own value, if any
+    return fill_ds_config(raw, plan_batches(world_size, 1, world_size), hidden_size=hidden_size,
+                          max_grad_norm=clip if isinstance(clip, (int, float)) else 0.0)
+
+
 def inference_engine(module: torch.nn.Module, ds: dict[str, Any], device: torch.device):
     """A frozen model (reference, reward model) for forward passes only: under ZeRO-3 a DeepSpeed
     engine without optimizer, parameters partitioned across ranks; otherwise the plain module on the
@@ -243,7 +253,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return True  # CPU autocast bf16 is supported and faster than fp32 (PLATFORM.md: 185 vs 121 tok/s)
+    # CPU autocast supports bf16, and it trained faster than fp32: SmolLM2-135M, 4x512 tokens on 2 cores,
+    # 185 vs 121 tokens/s (measured 2026-11-24 while the project was set up; not in docs/benchmarks.md).
+    return True
 
 
 def autocast(precision: str, device: torch.device):

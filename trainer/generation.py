@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lastmile import distributed
-from lastmile.config import Config, GenerationConfig, plan_batches
+from lastmile.config import Config, GenerationConfig
 from lastmile.data.collate import collate_prompts
 from lastmile.data.prompts import PromptBuilder, TokenizedExample
 from lastmile.data.records import Example
@@ -60,15 +60,22 @@ def generate(
     return outputs
 
 
+def load_generator(cfg: Config, model_path: str, device: torch.device, *, ds: dict | None = None):
+    """(tokenizer, causal LM, attention choice) of the published model at `model_path`: its own tokenizer
+    and weights, whatever `model.*` names (only the attention and trust settings carry over)."""
+    tokenizer = load_tokenizer(replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None))
+    lm, attn = load_causal_lm(cfg.model, device, seed=cfg.seed, path=model_path, ds=ds)
+    return tokenizer, lm, attn
+
+
 def generate_examples(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo, gen: GenerationConfig, *,
                       desc: str | None = None) -> list[str]:
     """One summary per example from the model at `model_path`, in order, with the settings `gen`.
     Data-parallel: each rank generates its shard. Under ZeRO-3 with several ranks the
     model is loaded partitioned (no rank holds it whole while loading) and generates through the
     hybrid engine's generation mode, gathered once (or per layer when it does not fit the device)."""
-    tokenizer = load_tokenizer(replace(cfg.model, path=model_path, tokenizer_path=None, gguf_file=None))
     ds = _partitioned_inference_config(cfg, model_path, dist)
-    lm, attn = load_causal_lm(cfg.model, dist.device, path=model_path, ds=ds)
+    tokenizer, lm, attn = load_generator(cfg, model_path, dist.device, ds=ds)
     if dist.is_main:
         log.info("generating with %s (attention: %s%s)", model_path, attn.implementation,
                  ", ZeRO-3 partitioned" if ds else "")
@@ -99,6 +106,5 @@ def _partitioned_inference_config(cfg: Config, model_path: str, dist: DistInfo) 
     """The filled ZeRO-3 config for loading the generating model partitioned, or None (one rank, ZeRO-1/2)."""
     if dist.world_size == 1 or distributed.zero_stage(distributed.load_ds_config(cfg.deepspeed.config)) != 3:
         return None
-    plan = plan_batches(dist.world_size, 1, dist.world_size)  # DeepSpeed's batch arithmetic; nothing trains
-    return distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.sft.optim(),
-                                     hidden_size=hidden_size_of(cfg.model, model_path))
+    return distributed.inference_ds_config(cfg.deepspeed.config, dist.world_size,
+                                           hidden_size=hidden_size_of(cfg.model, model_path))

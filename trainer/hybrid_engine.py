@@ -5,7 +5,8 @@ Llama models, so this one stays with plain PyTorch modules and works on CPU and 
 
 - Under ZeRO-3 in `all` mode, entering generation mode gathers the partitioned weights once per
   rollout and takes the ZeRO hooks off, so `generate` runs on whole weights with a KV cache instead
-  of re-gathering every layer for every token (PLATFORM.md: 5.6-6.3x the naive path on 2 CPU ranks).
+  of re-gathering every layer for every token (5.54x the naive path's tokens/s on 2 CPU ranks,
+  docs/benchmarks.md).
   Leaving it puts the hooks back and releases the gathered copies: training continues exactly.
 - In `layer` mode (an actor larger than one device) the ZeRO-3 hooks stay: each layer is gathered
   when used and the next ones prefetched (`stage3_prefetch_bucket_size`), with `synced_gpus` so

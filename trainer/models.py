@@ -8,6 +8,7 @@ The offline default (`smollm2-135m-instruct`) is the GGUF file shipped by the Py
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import logging
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lastmile import seeding
 from lastmile.config import OFFLINE_DEFAULT_MODEL, ModelConfig
 from lastmile.errors import ModelError
 
@@ -43,8 +45,9 @@ def _offline_default_gguf() -> Path:
     return path
 
 
-def resolve_model_path(path: str, gguf_file: str | None = None) -> str:
-    """Turn `model.path` into something `from_pretrained` loads directly (a folder or hub id).
+def resolve_model_path(path: str, gguf_file: str | None = None, *, field: str = "model.path") -> str:
+    """Turn `model.path` (or the setting `field` names) into something `from_pretrained` loads
+    directly (a folder or hub id).
 
     GGUF sources are converted once into a safetensors folder in the cache.
     """
@@ -58,12 +61,13 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> str:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ModelError(
-                f"model.path ({path}) is a folder without config.json. Point it at a Hugging Face model folder "
+                f"{field} ({path}) is a folder without config.json. Point it at a Hugging Face model folder "
                 "(save_pretrained output) or a .gguf file."
             )
         return str(p)
     if p.suffix in (".gguf", ".safetensors", ".bin") or path.startswith((".", "/")):
-        raise ModelError(f"model.path ({path}) does not exist. Check the path, or use {OFFLINE_DEFAULT_MODEL}.")
+        hint = f", or use {OFFLINE_DEFAULT_MODEL}" if field == "model.path" else ""
+        raise ModelError(f"{field} ({path}) does not exist. There is nothing to load. Check the path{hint}.")
     return path  # a hub id; from_pretrained downloads it (or fails with its own message when offline)
 
 
@@ -108,16 +112,22 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     return target
 
 
-def load_tokenizer(cfg: ModelConfig):
+def load_tokenizer(cfg: ModelConfig, *, field: str = "model.path"):
+    """The tokenizer of `cfg.tokenizer_path`, else of `cfg.path` (which the setting `field` names, for
+    messages: e.g. ppo.init when a stage passes its input model as `path`)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(cfg.tokenizer_path or cfg.path, None if cfg.tokenizer_path else cfg.gguf_file)
+    if cfg.tokenizer_path:  # a tokenizer folder needs no config.json
+        field, source = "model.tokenizer_path", cfg.tokenizer_path
+        path = source if Path(source).is_dir() else resolve_model_path(source, field=field)
+    else:
+        source, path = cfg.path, resolve_model_path(cfg.path, cfg.gguf_file, field=field)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        field = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
-        raise ModelError(f"{field} ({path}) has no usable tokenizer: {str(e).splitlines()[0][:200]}. Point it at a "
-                         "folder with tokenizer files, or set model.tokenizer_path.") from None
+        fix = "Point it at a folder with tokenizer files" + ("" if cfg.tokenizer_path else ", or set model.tokenizer_path")
+        raise ModelError(f"{field} ({source}) has no usable tokenizer: {str(e).splitlines()[0][:200]}. The prompts "
+                         f"cannot be tokenized without one. {fix}.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -147,8 +157,10 @@ def choose_attention(requested: str, device: torch.device) -> AttentionChoice:
 @contextlib.contextmanager
 def partitioned_loading(ds: dict | None):
     """While active, transformers builds models already partitioned when `ds` is a ZeRO-3 config
-    (deepspeed.zero.Init through a live HfDeepSpeedConfig; see PLATFORM.md), so no rank ever holds
-    a whole model. Scoped: afterwards plain loads are plain again."""
+    (while an HfDeepSpeedConfig of stage 3 is alive, `from_pretrained`/`from_config` construct the model
+    inside deepspeed.zero.Init; wrapping the constructor in deepspeed.zero.Init ourselves fails in
+    transformers' `_init_weights`), so no rank ever holds a whole model. Scoped: afterwards plain loads
+    are plain again."""
     if ds is None or int(ds.get("zero_optimization", {}).get("stage", 0)) != 3:
         yield
         return
@@ -163,58 +175,121 @@ def partitioned_loading(ds: dict | None):
         del keep
 
 
-def load_causal_lm(cfg: ModelConfig, device: torch.device, *, path: str | None = None, ds: dict | None = None):
+def load_causal_lm(cfg: ModelConfig, device: torch.device, *, seed: int, path: str | None = None,
+                   ds: dict | None = None, field: str = "the model"):
     """A causal LM in fp32 (training runs under autocast), pretrained or random per `cfg`.
 
     `path` overrides `cfg.path` (e.g. a checkpoint written by an earlier stage). With a ZeRO-3 `ds`
-    config the model is created partitioned across ranks.
+    config the model is created partitioned across ranks. Random weights depend on `seed` (the run's
+    `cfg.seed`) alone: the same in every stage and on every rank. `field` names the setting `path`
+    came from, for messages.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     attn = choose_attention(cfg.attn_implementation, device)
-    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file)
+    field = field if path else "model.path"
+    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file, field=field)
+    hf_config = model_config(cfg, path, field=field)
+    kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
+    # A random-init model (tests, smoke runs) is small and built the same on every rank: whole, so that
+    # 1 and N ranks start from identical weights.
+    with partitioned_loading(None if cfg.random_init and path is None else ds), _load_errors(field, path or cfg.path):
+        if cfg.random_init and path is None:
+            with seeding.seeded(seed, stage="model_init", device=device):
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+    return model, attn
+
+
+@contextlib.contextmanager
+def _load_errors(field: str, path: str):
+    """Weights that cannot be read (a cut file, a missing shard) or a shape the overrides made impossible
+    become one ModelError naming the setting, instead of a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise  # a download that filled the disk: the environment, reported as such (exit 74)
+        raise ModelError(f"{field} ({path}) has a config but its weights could not be loaded: "
+                         f"{_first_line(e)}. The files are incomplete or damaged. Point {field} at a complete "
+                         "Hugging Face model folder, or copy it again.") from None
+    except RuntimeError as e:
+        if "size mismatch" not in str(e):
+            raise
+        raise ModelError(f"{field} ({path}) cannot be built with this shape: {_first_line(e)}. The weights do not fit "
+                         "the config (model.config_overrides?). Remove the overrides that change the shape of a "
+                         "pretrained model.") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def model_config(cfg: ModelConfig, path: str | None = None, *, field: str = "model.path"):
+    """The transformers config of `path` (else `cfg.path` with `cfg.config_overrides` applied and
+    checked: a known field, the model's own type, a shape the model can have). Reads config.json only."""
+    from transformers import AutoConfig
+
+    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file, field=field)
     try:
         hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ModelError(
-            f"model.path ({path or cfg.path}) could not be loaded: {e}. Offline, use a local folder, a .gguf file "
-            f"or {OFFLINE_DEFAULT_MODEL}."
+            f"{field} ({path or cfg.path}) could not be loaded: {_first_line(e)}. Its config.json is missing or not a "
+            f"model config. Offline, use a local model folder, a .gguf file or {OFFLINE_DEFAULT_MODEL}."
         ) from None
     overrides = cfg.config_overrides if path is None else {}  # a saved model already has its shape
     for key, value in overrides.items():
         if not hasattr(hf_config, key):
-            raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}.")
+            raise ModelError(f"model.config_overrides.{key} is not a field of {type(hf_config).__name__}. The model "
+                             "would ignore it. Remove it, or check the spelling in the model's config.json.")
         current = getattr(hf_config, key)
         if current is not None and type(value) is not type(current) and not (
                 isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool)):
             raise ModelError(f"model.config_overrides.{key} ({value!r}) must be {_a(type(current).__name__)} like the "
-                             f"model's own value ({current!r}).")
+                             f"model's own value ({current!r}). Write e.g. model.config_overrides.{key}={current}.")
         setattr(hf_config, key, value)
-    kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
-    # A random-init model (tests, smoke runs) is small and built the same on every rank: whole, so that
-    # 1 and N ranks start from identical weights.
-    with partitioned_loading(None if cfg.random_init and path is None else ds):
-        if cfg.random_init and path is None:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
-        else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
-            except OSError as e:
-                raise ModelError(f"model.path ({path or cfg.path}) has a config but its weights could not be loaded: "
-                                 f"{str(e).splitlines()[0][:300]}. Point it at a complete Hugging Face model folder.") \
-                    from None
-    return model, attn
+    problem = shape_problem(hf_config, overrides)
+    if problem:
+        raise ModelError(problem)
+    return hf_config
+
+
+SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "vocab_size")
+
+
+def shape_problem(hf_config, overrides: dict) -> str | None:
+    """A shape set through model.config_overrides that the model cannot have: a size below 1, key/value
+    heads that do not divide the attention heads, a hidden size the heads do not divide (no head_dim)."""
+    for key in SIZE_FIELDS:
+        value = getattr(hf_config, key, None)
+        if key in overrides and isinstance(value, int) and value < 1:
+            return f"model.config_overrides.{key} ({value}) must be at least 1. A layer needs units. Set a positive size."
+    heads, kv = getattr(hf_config, "num_attention_heads", None), getattr(hf_config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        if "num_key_value_heads" in overrides:
+            return (f"model.config_overrides.num_key_value_heads ({kv}) does not divide num_attention_heads ({heads}). "
+                    "Grouped-query attention shares each key/value head among the same number of query heads, so "
+                    f"the model cannot be built. Choose a divisor of {heads}.")
+        if "num_attention_heads" in overrides:
+            return (f"model.config_overrides.num_attention_heads ({heads}) is not a multiple of num_key_value_heads "
+                    f"({kv}). Grouped-query attention shares each key/value head among the same number of query "
+                    "heads, so the model cannot be built. Choose a multiple, or override num_key_value_heads too.")
+    hidden = getattr(hf_config, "hidden_size", None)
+    if ({"hidden_size", "num_attention_heads"} & set(overrides) and getattr(hf_config, "head_dim", None) is None
+            and isinstance(hidden, int) and isinstance(heads, int) and hidden % heads):
+        return (f"model.config_overrides.hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}). "
+                "Each head gets hidden_size / num_attention_heads dimensions. Choose a multiple, or set head_dim.")
+    return None
 
 
 def hidden_size_of(cfg: ModelConfig, path: str | None = None) -> int:
     """The hidden size from the model's config alone (to fill DeepSpeed "auto" sizes before loading)."""
-    from transformers import AutoConfig
-
-    source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file)
-    hf_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
-    overrides = cfg.config_overrides if path is None else {}
-    return int(overrides.get("hidden_size", hf_config.hidden_size))
+    return int(model_config(cfg, path, field="model.path" if path is None else "the model").hidden_size)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -226,7 +301,7 @@ class TokenLogprobModel(torch.nn.Module):
     """A causal LM whose forward returns next-token log-probs at chosen positions.
 
     Log-probs come from the final hidden states and the output embedding through
-    `kernels.logprob.token_logprobs`, so the (B, T, V) logits tensor is never materialized.
+    `lastmile_kernels.logprob.token_logprobs`, so the (B, T, V) logits tensor is never materialized.
     Under ZeRO-3 the output embedding is registered as an external parameter of this module
     (see `external_parameters`), so DeepSpeed gathers it for this forward and backward.
     """
@@ -256,7 +331,7 @@ class TokenLogprobModel(torch.nn.Module):
         reduction="none" -> (logprobs (B, T-1) fp32 aligned with input_ids[:, 1:], zero where
         target_mask[:, 1:] is False; entropy (B, T-1) or None).
         reduction="sum" -> scalar sum of the target tokens' log-probs, through the fused linear-loss
-        path (kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls)."""
+        path (lastmile_kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls)."""
         from lastmile_kernels.logprob import token_logprob_sum, token_logprobs
 
         decoder = self.lm.get_decoder()
@@ -337,16 +412,16 @@ class ValueModel(torch.nn.Module):
         return self.rm.score(hidden).squeeze(-1).float() * self.scale + self.shift.float()
 
 
-def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int, *,
-                         ds: dict | None = None):
+def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_token_id: int, *, seed: int,
+                         ds: dict | None = None, field: str = "the model"):
     """AutoModelForSequenceClassification with one label: from a causal-LM checkpoint (a new head,
-    seeded) or from a trained reward model (its head). Partitioned under a ZeRO-3 `ds`."""
+    random from `seed`, the run's `cfg.seed`) or from a trained reward model (its head). Partitioned
+    under a ZeRO-3 `ds`. `field` names the setting `path` came from, for messages."""
     from transformers import AutoModelForSequenceClassification
 
     attn = choose_attention(cfg.attn_implementation, device)
-    source = resolve_model_path(path)
-    torch.manual_seed(0)
-    with partitioned_loading(ds):
+    source = resolve_model_path(path, field=field)
+    with seeding.seeded(seed, stage="reward_head", device=device), partitioned_loading(ds), _load_errors(field, path):
         rm = AutoModelForSequenceClassification.from_pretrained(
             source, num_labels=1, dtype=torch.float32, attn_implementation=attn.implementation,
             trust_remote_code=cfg.trust_remote_code,

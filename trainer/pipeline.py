@@ -18,15 +18,16 @@ from pathlib import Path
 
 from lastmile import checkpoint, distributed, preemption, report, tracking
 from lastmile.config import Config, flatten, to_dict
+from lastmile.plan import check_run
 from lastmile.stages import ppo, reward_model, sft
 
 
 def run(cfg: Config) -> dict:
     dist = distributed.setup()
+    check_run(cfg, "pipeline", dist.world_size)  # every stage's settings, before SFT starts
     parent = _open_parent(cfg) if dist.is_main and cfg.tracking.enabled else None
     ids = distributed.gather_objects(parent)
     cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=ids[0]))
-    status = "FAILED"
     try:
         for stage in (sft, reward_model, ppo):
             stage.run(cfg)
@@ -34,14 +35,14 @@ def run(cfg: Config) -> dict:
             if parent:
                 _adopt(cfg, stage.__name__.rsplit(".", 1)[-1], parent)
         results = report.run(cfg)
-        status = "FINISHED"
-        return results
-    except (preemption.Preempted, KeyboardInterrupt):
-        status = tracking.INTERRUPTED
-        raise
-    finally:
+    except BaseException as e:
         if parent:
-            _close_parent(cfg, parent, status)
+            status = tracking.INTERRUPTED if isinstance(e, (preemption.Preempted, KeyboardInterrupt)) else "FAILED"
+            tracking.end_after_error(_ParentRun(cfg, parent), status, e)
+        raise
+    if parent:
+        _ParentRun(cfg, parent).end("FINISHED")
+    return results
 
 
 def _open_parent(cfg: Config) -> str:
@@ -49,6 +50,7 @@ def _open_parent(cfg: Config) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    tracking.relocate_store(cfg)  # a copied output_dir's store still names the old folder
     client = mlflow.MlflowClient()
     record = Path(cfg.output_dir) / "pipeline_run.json"
     if record.is_file():
@@ -90,10 +92,20 @@ def _adopt(cfg: Config, stage: str, parent: str) -> None:
         client.set_tag(run_id, "lastmile.adopted_by_pipeline", "true")
 
 
-def _close_parent(cfg: Config, run_id: str, status: str) -> None:
-    import mlflow
+class _ParentRun:
+    """The parent run as far as ending it goes (tracking.end_after_error takes a Tracker)."""
 
-    client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    if status == tracking.INTERRUPTED:
-        client.set_tag(run_id, "lastmile.status", "interrupted")
-    client.set_terminated(run_id, status=status)
+    def __init__(self, cfg: Config, run_id: str):
+        self.cfg, self.run_id = cfg, run_id
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        import mlflow
+
+        client = mlflow.MlflowClient(tracking.tracking_uri(self.cfg))
+        for k, v in tags.items():
+            client.set_tag(self.run_id, k, v)
+
+    def end(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.MlflowClient(tracking.tracking_uri(self.cfg)).set_terminated(self.run_id, status=status)

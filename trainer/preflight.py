@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lastmile.config import Config
 from lastmile.errors import UserError
+from lastmile.plan import check_run, world_size_from_env
 
 _held: list = []  # the open lock file, kept for the life of the process
 KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
@@ -23,8 +24,9 @@ KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssq
 
 # What a stage writes, in units of its model's weights: a training checkpoint (weights + AdamW's two
 # moments, fp32) plus the published model; PPO trains an actor and a critic; the pipeline holds every
-# stage's published model besides the running stage's checkpoint.
-DISK_FACTOR = {"sft": 4, "reward-model": 4, "ppo": 8, "pipeline": 10}
+# stage's published model besides the running stage's checkpoint, and SFT's final checkpoint (4), which
+# a finished SFT keeps so that it can be continued (stages/common.py).
+DISK_FACTOR = {"sft": 4, "reward-model": 4, "ppo": 8, "pipeline": 14}
 
 
 class NoSpace(UserError):
@@ -32,8 +34,11 @@ class NoSpace(UserError):
 
 
 def check(cfg: Config, command: str | None = None) -> None:
-    """Output dir writable, with room for the stage's next checkpoint; tracking store reachable.
-    Raises UserError naming the path or URI."""
+    """The command's plan (lastmile.plan: every stage it runs, on the ranks the launcher announced);
+    output dir writable, with room for the stage's next checkpoint; tracking store reachable.
+    Raises UserError naming the setting, path or URI."""
+    if command:
+        check_run(cfg, command, world_size_from_env())
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir ({out}) is a file. Point output_dir at a folder (it is created if missing).")

@@ -14,10 +14,10 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from lastmile import checkpoint, distributed, tracking
+from lastmile import distributed, tracking
 from lastmile.config import Config
 from lastmile.metrics import paired_bootstrap
-from lastmile.stages.evaluate import COMPARED, SystemSpec, evaluate_systems
+from lastmile.stages.evaluate import COMPARED, SystemSpec, evaluate_systems, write_results
 
 COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
                ("rl+post", "rl"))
@@ -68,7 +68,8 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
     builder = PromptBuilder(tokenizer, cfg.prompt)
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     prompts = prompt_ids_by_id(examples, builder)
-    model = ScalarRewardModel(load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id)[0])
+    model = ScalarRewardModel(load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id,
+                                                   seed=cfg.seed)[0])
     model.to(device).eval()
     stats = reward_stats(str(rm_path))
     micro = cfg.eval.generation.batch_size
@@ -87,7 +88,7 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
         a, b = comp.split(" - ")
         by_metric["reward"] = paired_bootstrap(results["per_example"][b]["reward"], results["per_example"][a]["reward"],
                                                samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
-    checkpoint.write_json_atomic(folder / "results.json", results)
+    write_results(folder, results, Path(cfg.output_dir))
     return results
 
 

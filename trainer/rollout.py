@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,13 @@ from lastmile.data.collate import collate_prompts
 from lastmile.data.prompts import TokenizedExample
 from lastmile.data.records import Example
 from lastmile.hybrid_engine import HybridEngine, Sampling
+from lastmile.timing import PhaseTimer, phase
+
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedTokenizerBase
+
+    from lastmile.models import ScalarRewardModel, TokenLogprobModel
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class Rollout:
     ended: torch.Tensor  # (B,) bool, the response produced EOS
     texts: tuple[str, ...]  # (B,) decoded responses
     gen_logprobs: torch.Tensor  # (B, R) recorded while generating
-    old_logprobs: torch.Tensor | None = None  # (B, R) training-mode actor forward before the update
+    old_logprobs: torch.Tensor | None = None  # (B, R) training-mode actor forward before the update (or during it)
     ref_logprobs: torch.Tensor | None = None  # (B, R) frozen reference
     values: torch.Tensor | None = None  # (B, R) critic, value of the state before each response token
     scores: torch.Tensor | None = None  # (B,) hybrid reward before KL shaping
@@ -40,18 +48,18 @@ class Rollout:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    @property
+    def behaviour_logprobs(self) -> torch.Tensor:
+        """(B, R) the sampling policy's log-probs before the update: the training forward's when it ran,
+        else those recorded while generating (equal up to the parity bound)."""
+        return self.old_logprobs if self.old_logprobs is not None else self.gen_logprobs
+
     def rows(self, idx: list[int] | torch.Tensor) -> "Rollout":
-        """A sub-batch of rows (a minibatch)."""
+        """A sub-batch of rows (a minibatch). Every field is indexed by row, derived from the fields
+        themselves, so a new field can never keep its full batch size by mistake."""
         idx = torch.as_tensor(idx, dtype=torch.long)
-        pick = lambda t: None if t is None else t[idx]  # noqa: E731
-        return dataclasses.replace(
-            self, example_idx=tuple(self.example_idx[i] for i in idx.tolist()), prompt_ids=self.prompt_ids[idx],
-            prompt_mask=self.prompt_mask[idx], response_ids=self.response_ids[idx],
-            response_mask=self.response_mask[idx], ended=self.ended[idx],
-            texts=tuple(self.texts[i] for i in idx.tolist()), gen_logprobs=self.gen_logprobs[idx],
-            old_logprobs=pick(self.old_logprobs), ref_logprobs=pick(self.ref_logprobs), values=pick(self.values),
-            scores=pick(self.scores),
-            reward_parts=None if self.reward_parts is None else {k: v[idx] for k, v in self.reward_parts.items()})
+        return dataclasses.replace(self, **{f.name: _pick_rows(getattr(self, f.name), idx)
+                                            for f in dataclasses.fields(self)})
 
     def sequences(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids (B, P+R), attention_mask (B, P+R) bool, target_mask (B, P+R) bool on response tokens)."""
@@ -61,29 +69,41 @@ class Rollout:
         return ids, mask, target
 
 
+def _pick_rows(value, idx: torch.Tensor):
+    """Rows `idx` of one Rollout field: a (B, ...) tensor, a (B,) tuple, a dict of (B,) tensors, or None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value[idx]
+    if isinstance(value, tuple):
+        return tuple(value[i] for i in idx.tolist())
+    if isinstance(value, dict):
+        return {k: v[idx] for k, v in value.items()}
+    raise TypeError(f"Rollout field of type {type(value).__name__} has no rows")
+
+
 @dataclass
 class RolloutModels:
     """Everything a rollout touches; built once by the PPO stage."""
 
     actor: HybridEngine
-    actor_engine: object  # DeepSpeed engine over TokenLogprobModel(actor lm)
-    ref: object  # inference engine or module: TokenLogprobModel(reference lm)
-    rm: object  # inference engine or module: ScalarRewardModel
-    critic: object | None  # DeepSpeed engine over ValueModel, None for critic-free estimators
-    tokenizer: object
+    actor_engine: DeepSpeedEngine  # over TokenLogprobModel(actor lm)
+    ref: DeepSpeedEngine | TokenLogprobModel  # frozen: inference engine or the module itself
+    rm: DeepSpeedEngine | ScalarRewardModel  # frozen
+    critic: DeepSpeedEngine | None  # over ValueModel; None for critic-free estimators
+    tokenizer: PreTrainedTokenizerBase
     rm_stats: dict[str, float]  # mean/std of reference scores (reward_stats.json)
     device: torch.device
     precision: str
     micro_batch: int
-    logprob_impl: str
 
 
 def sample(models: RolloutModels, prompts: list[TokenizedExample], example_idx: list[int], sampling: Sampling,
-           *, batch_size: int) -> Rollout:
+           *, batch_size: int, timer: PhaseTimer | None = None) -> Rollout:
     """Generate one response per row (rows already repeated per sample) in generation mode."""
     tok = models.tokenizer
     parts = []
-    with models.actor.generation_mode():
+    with phase(timer, "generation"), models.actor.generation_mode():
         for i in range(0, len(prompts), batch_size):
             batch = collate_prompts(prompts[i : i + batch_size], tok.pad_token_id)
             g = models.actor.generate(batch.prompt_ids, batch.prompt_mask, sampling, eos_id=tok.eos_token_id,
@@ -181,11 +201,18 @@ def score(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg:
 
 
 def complete(rollout: Rollout, models: RolloutModels, examples: list[Example], cfg: RewardConfig, *,
-             temperature: float) -> Rollout:
-    """Scores, then the log-probs of the actor in training mode and of the reference at the sampling
+             temperature: float, old_logprobs: bool = True, timer: PhaseTimer | None = None) -> Rollout:
+    """Scores, then the log-probs of the actor in training mode (unless `old_logprobs` is False: the
+    update's own forward gives them, ppo.old_logprobs=update) and of the reference at the sampling
     temperature (the policy PPO optimizes is the one that sampled), and values."""
-    rollout = score(rollout, models, examples, cfg)
-    old = response_logprobs(models.actor_engine, rollout, models, temperature=temperature)
-    ref = response_logprobs(models.ref, rollout, models, temperature=temperature)
-    values = response_values(models.critic, rollout, models) if models.critic is not None else None
+    with phase(timer, "reward"):
+        rollout = score(rollout, models, examples, cfg)
+    old = None
+    if old_logprobs:
+        with phase(timer, "old_logprobs"):
+            old = response_logprobs(models.actor_engine, rollout, models, temperature=temperature)
+    with phase(timer, "reference"):
+        ref = response_logprobs(models.ref, rollout, models, temperature=temperature)
+    with phase(timer, "critic_values"):
+        values = response_values(models.critic, rollout, models) if models.critic is not None else None
     return dataclasses.replace(rollout, old_logprobs=old, ref_logprobs=ref, values=values)

@@ -2,7 +2,8 @@
 
 Default store: `sqlite:///<output_dir>/mlflow.db` (no server). Any tracking URI works, e.g. a
 shared `mlflow server`. One run per stage, tagged with the pipeline id, stage, git sha and the
-upstream stage's run; a resumed stage re-opens its own run (the id is kept in trainer state).
+upstream stage's run; a resumed stage re-opens its own run (the id is kept in trainer state). The
+default store moves with a copied or moved output_dir (relocate_store).
 """
 
 from __future__ import annotations
@@ -112,16 +113,38 @@ def closing(tracker: Tracker):
     """End the run as FINISHED, as interrupted (a stop signal: it will resume), or as FAILED."""
     from lastmile import preemption
 
-    status = "FAILED"
     try:
         yield tracker
-        status = "FINISHED"
-    except (preemption.Preempted, KeyboardInterrupt):
-        status = INTERRUPTED
-        tracker.set_tags({"lastmile.status": "interrupted"})
+    except BaseException as e:
+        stopped = isinstance(e, (preemption.Preempted, KeyboardInterrupt))
+        end_after_error(tracker, INTERRUPTED if stopped else "FAILED", e)
         raise
-    finally:
+    tracker.end("FINISHED")
+
+
+def end_after_error(tracker: Tracker, status: str, error: BaseException) -> None:
+    """End the run as `status` while `error` propagates. The store may fail for the same reason the
+    stage did (a full disk under both the checkpoint and mlflow.db): that failure must not replace
+    `error`, the cause, so it becomes a note on it, which the CLI adds to its message."""
+    store_log = logging.getLogger("mlflow.store.db.utils")  # logs a traceback before it raises; the note says it
+    level = store_log.level
+    store_log.setLevel(logging.CRITICAL)
+    try:
+        if status == INTERRUPTED:
+            tracker.set_tags({"lastmile.status": "interrupted"})
         tracker.end(status)
+    except Exception as e:  # any failure of the store, while the real error is reported
+        log.debug("ending MLflow run %s failed", tracker.run_id, exc_info=True)
+        error.add_note(f"The MLflow run {tracker.run_id} could not be marked {status} either ({first_line(e)}); it "
+                       "may still show RUNNING.")
+    finally:
+        store_log.setLevel(level)
+
+
+def first_line(e: BaseException) -> str:
+    """The line of an error worth showing: SQLAlchemy puts its advice on autoflush before the cause."""
+    lines = [x for x in str(e).strip().splitlines() if x.strip() and not x.startswith("(raised as a result of")]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _last_logged_steps(client, run_id: str) -> dict[str, int]:
@@ -182,6 +205,50 @@ def artifact_location(cfg: Config) -> str | None:
     return (Path(cfg.output_dir).resolve() / "mlartifacts").as_uri() if local else None
 
 
+def default_store(cfg: Config) -> Path | None:
+    """The sqlite file when the store is the default one, `<output_dir>/mlflow.db` (set or implied), else None."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):].split("?")[0])
+    here = Path(cfg.output_dir) / "mlflow.db"
+    return db if db.resolve() == here.resolve() else None
+
+
+def relocate_store(cfg: Config) -> None:
+    """A copied or moved output_dir brings its store, and MLflow keeps artifact locations absolute: the
+    experiment and every run in it would go on writing artifacts to the old folder's mlartifacts/.
+    Point them at this output_dir's mlartifacts/ (which holds the copied artifacts), and the tag
+    `lastmile.output_dir` at this folder. Only the default store is touched: it belongs to output_dir."""
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    db = default_store(cfg)
+    new = artifact_location(cfg)
+    if db is None or new is None or not db.is_file():
+        return
+    moved: list[str] = []
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as con, con:
+            moved += [loc for (loc,) in con.execute("SELECT artifact_location FROM experiments")
+                     if loc and loc.startswith("file:") and loc.endswith("/mlartifacts") and loc != new]
+            for old in moved:
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (new, old))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE substr(artifact_uri, 1, ?) = ?", (new, len(old) + 1, len(old) + 1, old + "/"))
+                old_dir, new_dir = (str(Path(unquote(urlparse(u).path)).parent) for u in (old, new))
+                con.execute("UPDATE tags SET value = ? WHERE key = 'lastmile.output_dir' AND value = ?",
+                            (new_dir, old_dir))
+                log.warning("output_dir was copied or moved: its MLflow store %s kept artifacts in %s; now in %s",
+                            db, old, new)
+    except sqlite3.Error as e:
+        from lastmile.errors import UserError
+
+        raise UserError(f"the MLflow store {db} was copied or moved with output_dir, and its runs keep artifacts in "
+                        f"{', '.join(moved) or 'the old folder'}; pointing them at {new} failed ({e}). Close other "
+                        f"programs using {db} and rerun, or set tracking.enabled=false.") from None
+
+
 def git_sha() -> str:
     try:
         out = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -235,6 +302,7 @@ def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None =
     if parent:
         tags["mlflow.parentRunId"] = parent  # shows the stage as a child of the pipeline run in the UI
     uri = tracking_uri(cfg)
+    relocate_store(cfg)
     tracker = MlflowTracker(
         uri, cfg.tracking.experiment, run_name or stage,
         tags=tags, params=flatten(to_dict(cfg)), resume_run_id=resume_run_id, artifact_location=artifact_location(cfg),
@@ -244,5 +312,7 @@ def start(cfg: Config, *, stage: str, is_main: bool, resume_run_id: str | None =
         from lastmile.checkpoint import write_json_atomic
 
         record.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record, {"run_id": tracker.run_id, "uri": uri})
+        # the default store by its name in output_dir, so that a copied output_dir names only itself
+        where = {"store": "mlflow.db"} if default_store(cfg) else {"uri": uri}
+        write_json_atomic(record, {"run_id": tracker.run_id, **where})
     return tracker

@@ -1,4 +1,4 @@
-"""Triton implementation of kernels.logprob (CUDA; correctness-testable with TRITON_INTERPRET=1).
+"""Triton implementation of lastmile_kernels.logprob (CUDA; correctness-testable with TRITON_INTERPRET=1).
 
 Forward: one fused kernel. Each program takes BLOCK_N rows, walks the vocabulary in BLOCK_V tiles,
 computes the tile's logits with tl.dot over BLOCK_H slices of the hidden size, and keeps an online

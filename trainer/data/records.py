@@ -31,7 +31,9 @@ class Example:
 
 def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Example]:
     """The examples of `split` (a name, a file, or `<split>@dev` / `<split>@report`: one part of it by
-    `data.dev_fraction`), the first `limit` of them when given."""
+    `data.dev_fraction`), the first `limit` of them when given. The ids of the dev and evaluation
+    splits must be unique (checked over the whole split)."""
+    name = split
     split, part = split_part(split)
     if cfg.source == "aclsum":
         rows, where = _aclsum_rows(split, cfg.aclsum_aspect), "aclsum"
@@ -44,12 +46,66 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Ex
         rows, where = _local_rows(path), str(path)
         field_cfg = cfg
     examples = to_examples(rows, field_cfg, where)
+    if name in (cfg.dev_split, cfg.eval_split):
+        check_unique_ids(examples, cfg, name, where)
     if part is not None:
         examples = [e for e in examples if in_dev_part(e.id, cfg.dev_fraction) == (part == "dev")]
         if not examples:
             raise DataError(f"{where}@{part} holds no examples with data.dev_fraction={cfg.dev_fraction}. Move "
                             "data.dev_fraction away from 0 or 1.")
     return examples[:limit] if limit else examples
+
+
+def check_unique_ids(examples: list[Example], cfg: DataConfig, name: str, where: str) -> None:
+    """Evaluated and dev examples are matched by id (predictions files, samples, the @dev/@report rule)
+    and averaged one score per example: a repeated id is a DataError naming the split, file and ids."""
+    rows: dict[str, list[int]] = {}
+    for i, e in enumerate(examples, start=1):
+        rows.setdefault(e.id, []).append(i)
+    dups = [(i, r) for i, r in rows.items() if len(r) > 1]
+    if not dups:
+        return
+    fields = " and ".join(f"data.{f} ({name})" for f in ("dev_split", "eval_split") if getattr(cfg, f) == name)
+    shown = ", ".join(f"{i!r} (rows {', '.join(map(str, r[:4]))}{', ...' if len(r) > 4 else ''})" for i, r in dups[:5])
+    more = f", and {len(dups) - 5} more" if len(dups) > 5 else ""
+    raise DataError(
+        f"{fields}: {where} has {len(dups)} duplicated example id(s): {shown}{more}. Predictions and samples are "
+        "matched to examples by id and every example is one score in the mean, so a repeated id scores the wrong "
+        f"summary or counts one example twice. Give every example its own id (data.id_field, now {cfg.id_field!r}, "
+        "names the id field).")
+
+
+def split_problem(cfg: DataConfig, field: str) -> str | None:
+    """Why `data.<field>` names no split of `cfg.source`, without reading any data; None when it does,
+    or when only the network could tell (a hub dataset). For `<split>@dev` the base split is checked."""
+    value = getattr(cfg, field)
+    split, _ = split_part(value)
+    why = "Loading it would fail, and in a pipeline only after the stages before it have trained."
+    if cfg.source == "aclsum":
+        if split in ACLSUM_FILES:
+            return None
+        return (f"data.{field} ({value}) is not a split of aclsum, which has: train, validation, test. {why} Set "
+                f"data.{field} to one of them.")
+    if cfg.source.startswith("hub:") or _find_local_file(cfg.source, split) is not None:
+        return None
+    return (f"data.{field} ({value}) names no data: {_no_file(cfg.source, split)} {why} Set data.{field} to one of "
+            "their names without the suffix, or to a data file.")
+
+
+def count_rows(cfg: DataConfig, split: str) -> int | None:
+    """An upper bound on the examples of `split` (of its base split for `<split>@dev`), counted as the
+    non-blank lines of its JSONL file without parsing them; None when the split is not a JSONL file."""
+    split, _ = split_part(split)
+    if cfg.source == "aclsum":
+        path = _aclsum_file(split) if split in ACLSUM_FILES else None
+    elif cfg.source.startswith("hub:"):
+        return None
+    else:
+        path = _find_local_file(cfg.source, split)
+    if path is None or path.suffix != ".jsonl" or not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def in_dev_part(example_id: str, dev_fraction: float) -> bool:
@@ -65,7 +121,7 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> 
         seen_rows += 1
         label = f"{where} row {i + 1}" + (f" (line {row['__line__']})" if "__line__" in row else "")
         doc, summ = row.get(cfg.document_field), row.get(cfg.summary_field)
-        bad = [f for f in (_text_problem(row, cfg.document_field), _text_problem(row, cfg.summary_field)) if f]
+        bad = [f for f in (text_problem(row, cfg.document_field), text_problem(row, cfg.summary_field)) if f]
         refs: list[str] = []
         if cfg.references_field and row.get(cfg.references_field) is not None:
             raw = row[cfg.references_field]
@@ -91,7 +147,7 @@ def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> 
     return examples
 
 
-def _text_problem(row: dict[str, Any], name: str) -> str | None:
+def text_problem(row: dict[str, Any], name: str) -> str | None:
     """What is wrong with a text field of a row, or None."""
     if row.get(name) is None:
         return f"field {name!r} is missing"
@@ -110,23 +166,33 @@ def _nonempty_text(v: Any) -> bool:
 
 
 def _local_file(source: str, split: str) -> Path:
+    path = _find_local_file(source, split)
+    if path is None:
+        raise DataError(f"{_no_file(source, split)} Set data.train_split / data.eval_split to one of them.")
+    return path
+
+
+def _no_file(source: str, split: str) -> str:
+    return (f"data split ({split}) has no file in {source}: looked for {split}{{{','.join(LOCAL_SUFFIXES)}}}. "
+            f"Files there: {', '.join(_local_files(source)) or 'none'}.")
+
+
+def _find_local_file(source: str, split: str) -> Path | None:
     direct = resolve_local_path(split)
     if direct is not None and direct.suffix in LOCAL_SUFFIXES and direct.is_file():
         return direct
     folder = resolve_local_path(source) or Path(source)
-    for suffix in LOCAL_SUFFIXES:
-        if (folder / f"{split}{suffix}").is_file():
-            return folder / f"{split}{suffix}"
-    found = sorted(p.name for p in folder.glob("*") if p.suffix in LOCAL_SUFFIXES) if folder.is_dir() else []
-    raise DataError(
-        f"data split ({split}) has no file in {source}: looked for {split}{{{','.join(LOCAL_SUFFIXES)}}}. "
-        f"Files there: {', '.join(found) or 'none'}. Set data.train_split / data.eval_split to one of them."
-    )
+    return next((folder / f"{split}{s}" for s in LOCAL_SUFFIXES if (folder / f"{split}{s}").is_file()), None)
+
+
+def _local_files(source: str) -> list[str]:
+    folder = resolve_local_path(source)
+    return sorted(p.name for p in folder.glob("*") if p.suffix in LOCAL_SUFFIXES) if folder and folder.is_dir() else []
 
 
 def _local_rows(path: Path) -> list[dict[str, Any]]:
     if path.suffix == ".jsonl":
-        return _jsonl_rows(path)
+        return read_jsonl_rows(path)
     import datasets
 
     kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}[path.suffix]
@@ -137,7 +203,7 @@ def _local_rows(path: Path) -> list[dict[str, Any]]:
     return list(ds)
 
 
-def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+def read_jsonl_rows(path: Path) -> list[dict[str, Any]]:
     """JSONL read line by line so a malformed line is reported with its number."""
     rows, problems = [], []
     with path.open("rb") as f:
@@ -178,17 +244,25 @@ def _hub_rows(name: str, config: str | None, split: str) -> list[dict[str, Any]]
 
 # ----------------------------------------------------------------------------- ACLSum
 
+ACLSUM_FILES = {"train": "train", "validation": "val", "val": "val", "test": "test"}  # split -> the package's file
 
-def _aclsum_rows(split: str, aspect: str) -> list[dict[str, Any]]:
+
+def _aclsum_file(split: str) -> Path | None:
+    """The package's JSONL file of an ACLSum split (a key of ACLSUM_FILES); None when aclsum is not installed."""
     spec = importlib.util.find_spec("aclsum")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.source (aclsum) needs the PyPI package aclsum: pip install aclsum==0.1.2.")
-    names = {"validation": "val", "val": "val", "train": "train", "test": "test"}
-    if split not in names:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "dataset" / f"{ACLSUM_FILES[split]}.jsonl"
+
+
+def _aclsum_rows(split: str, aspect: str) -> list[dict[str, Any]]:
+    if split not in ACLSUM_FILES:
         raise DataError(f"data split ({split}) is not an ACLSum split. Use train, validation or test.")
-    path = Path(list(spec.submodule_search_locations)[0]) / "dataset" / f"{names[split]}.jsonl"
+    path = _aclsum_file(split)
+    if path is None:
+        raise DataError("data.source (aclsum) needs the PyPI package aclsum: pip install aclsum==0.1.2.")
     rows = []
-    for raw in _jsonl_rows(path):
+    for raw in read_jsonl_rows(path):
         sections = raw["sentences"]
         document = " ".join(
             detokenize(" ".join(sections.get(part, []))) for part in ("abstract", "introduction", "conclusion")

@@ -3,10 +3,9 @@ resumed run sees exactly the batches the interrupted one would have seen."""
 
 from __future__ import annotations
 
-import torch
-
 from lastmile.config import BatchPlan, TrainConfig
 from lastmile.errors import ConfigError
+from lastmile.seeding import derive_seed
 
 
 def total_steps(train: TrainConfig, n_items: int, plan: BatchPlan, *, field_prefix: str, unit: str) -> int:
@@ -32,9 +31,12 @@ def micro_batch_indices(n_items: int, step: int, plan: BatchPlan, *, rank: int, 
     The step's global batch is a contiguous slice of the epoch's permutation; rank r takes the r-th
     block of micro_batch x grad_accum items, cut into grad_accum micro-batches.
     """
+    import torch  # here, not at the top: lastmile.plan counts steps with total_steps and needs no torch
+
     per_epoch = n_items // plan.global_batch
     epoch, within = divmod(step, per_epoch)
-    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    epoch_seed = derive_seed(seed, stage="data_order", step=epoch)  # rank 0 for all: one global permutation
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
     step_idx = order[within * plan.global_batch : (within + 1) * plan.global_batch]
     per_rank = plan.micro_batch * plan.grad_accum
     mine = step_idx[rank * per_rank : (rank + 1) * per_rank]

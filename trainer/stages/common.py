@@ -3,8 +3,10 @@
 A stage's identity is its own config section, the settings every stage shares (model, data, prompt,
 seed, precision) and the identities of its inputs (the models it starts from). A finished stage is
 skipped only when its identity is unchanged; a changed identity is an error naming what changed,
-never the old result under a new label. The identity is written into the published model
-(`lastmile_identity.json`), so the next stage's identity follows from it.
+never the old result under a new label. One change is not an error: a longer horizon (`HORIZON`:
+sft.epochs / sft.max_steps, ppo.iterations) continues the stage from its final checkpoint, which a
+finished stage keeps for that, in the same MLflow run. The identity is written into the published
+model (`lastmile_identity.json`), so the next stage's identity follows from it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",)}
 # What a stage is evaluated on or how often it saves: not what it learns from.
 IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound"} | {
     f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("save_every", "keep_checkpoints", "log_every", "num_samples")}
+# How long a stage trains. A stage whose identity differs only here continues from its newest (for a
+# finished stage: its final, kept) checkpoint instead of being refused; see `continue_stage`.
+HORIZON = {"sft": ("sft.epochs", "sft.max_steps"), "ppo": ("ppo.iterations",)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class StageStart:
     stage_dir: Path
     done: bool
     identity: dict[str, Any]
+    horizon: str = ""  # the horizon change to continue with, e.g. "sft.max_steps (4 -> 8)"; "" when none
+    finished_at: int | None = None  # the step (iteration) a finished stage being continued ended at
 
 
 def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None] | None = None) -> StageStart:
@@ -53,21 +60,100 @@ def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None]
                               "rerun the stage that wrote it (it resumes from its last intact checkpoint).")
     ident = stage_identity(cfg, subdir, inputs or {})
     done_file = stage_dir / checkpoint.DONE_FILE
+    drop_stale_done(stage_dir, label, is_main=dist.is_main)
+    horizon = ""
     for path in (done_file, stage_dir / "identity.json"):
         old = _read_identity(path)
-        if old is not None and not same_identity(old, ident):
+        if old is None or same_identity(old, ident):
+            continue
+        if not horizon_only(old, ident):
+            keys = HORIZON.get(subdir, ())
+            hint = (f" Only a change of {' / '.join(keys)} alone continues a run." if
+                    any(old.get("settings", {}).get(k) != ident["settings"].get(k) for k in keys) else "")
             raise ConfigError(
                 f"{stage_dir} holds a {label} run made with other settings or inputs: {describe_change(old, ident)}. "
                 f"Its results do not belong to this configuration. Use a new output_dir, or delete {stage_dir} to "
-                f"run {label} again.")
-    done = done_file.is_file()
+                f"run {label} again.{hint}")
+        horizon = horizon or describe_change(old, ident)
+    done_identity = _read_identity(done_file)
+    done = done_file.is_file() and (done_identity is None or same_identity(done_identity, ident))
+    finished_at = None
+    if done_file.is_file() and not done:  # a finished stage to continue: from its kept final checkpoint
+        kept = checkpoint.checkpoints(stage_dir / "checkpoints")
+        if not kept:
+            raise ConfigError(
+                f"{stage_dir} holds a finished {label} run and {horizon} would continue it, but its final checkpoint "
+                f"({stage_dir / 'checkpoints'}) is gone: deleted by hand, or never kept (lastmile kept none before "
+                f"finished stages could be continued). Use a new output_dir, or delete {stage_dir} to run {label} "
+                "again with the new settings.")
+        finished_at = int(kept[0].name.split("-")[1])
     if done and dist.is_main:
         print(f"{label} already complete in {stage_dir} with these settings and inputs; skipping.", flush=True)
-    if not done and dist.is_main:
+    if not done and not horizon and dist.is_main:  # a horizon change is recorded once `continue_stage` allows it
         stage_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json_atomic(stage_dir / "identity.json", ident)
     distributed.barrier()
-    return StageStart(dist, stage_dir, done, ident)
+    return StageStart(dist, stage_dir, done, ident, horizon, finished_at)
+
+
+def done_problems(stage_dir: Path) -> list[str]:
+    """Why a stage marked done is not: its published model missing, or a file of it missing or of
+    another size than its manifest says (sizes only: the stage that reads the model checks the sums)."""
+    model = stage_dir / "model"
+    if not (model / "config.json").is_file():
+        return [f"{model} is missing"]
+    return checkpoint.verify_manifest(model, checksums=False)
+
+
+def drop_stale_done(stage_dir: Path, label: str, *, is_main: bool) -> None:
+    """A DONE marker whose outputs are missing or damaged is not done: rank 0 removes it and says so,
+    and the stage runs again (otherwise the next stage says "run it" and this one says "complete")."""
+    done_file = stage_dir / checkpoint.DONE_FILE
+    if is_main and done_file.is_file():
+        problems = done_problems(stage_dir)
+        if problems:
+            print(f"{label} in {stage_dir} is marked complete ({done_file.name}), but its outputs do not verify: "
+                  f"{'; '.join(problems[:3])}. A stage is done only when its model is intact: removed "
+                  f"{done_file.name}, running {label} again.", flush=True)
+            done_file.unlink()
+    distributed.barrier()  # every rank sees the same marker
+
+
+def continue_stage(start: StageStart, label: str, *, steps_done: int, total: int, unit: str, engines=()) -> None:
+    """After a stage resumed (`steps_done`) with a changed horizon (`total`): refuse a horizon that ends
+    before the steps already made, or adds none to a finished stage; else record the new identity,
+    reopen a finished stage (its DONE goes) and fit the LR schedules of `engines` to the new horizon."""
+    if start.finished_at is not None and steps_done != start.finished_at:
+        raise ConfigError(
+            f"the final checkpoint of the finished {label} run in {start.stage_dir} (step {start.finished_at}) could "
+            f"not be loaded (see the warning above), so {start.horizon} cannot continue it. Use a new output_dir, "
+            f"or delete {start.stage_dir} to run {label} again with the new settings.")
+    if total < steps_done or (start.finished_at is not None and total == steps_done):
+        raise ConfigError(
+            f"{start.horizon} gives {total} {unit}, but the {label} run in {start.stage_dir} has already made "
+            f"{steps_done}: a changed horizon may only add {unit} to a run. Set one beyond {steps_done} {unit} to "
+            f"continue it, or the old value to keep it; or use a new output_dir, or delete {start.stage_dir} to "
+            f"run {label} again with these settings.")
+    if start.dist.is_main:
+        checkpoint.write_json_atomic(start.stage_dir / "identity.json", start.identity)
+        (start.stage_dir / checkpoint.DONE_FILE).unlink(missing_ok=True)
+        verb = "continuing the finished" if start.finished_at is not None else "resuming the"
+        print(f"{verb} {label} run in {start.stage_dir} from {steps_done} to {total} {unit} ({start.horizon})",
+              flush=True)
+    distributed.barrier()
+    for engine in engines:
+        _refit_schedule(engine)
+
+
+def _refit_schedule(engine) -> None:
+    """The restored LR scheduler keeps its step count but takes its shape from the new horizon (our
+    LambdaLR's lambda is rebuilt, not saved); the optimizer's current LR is still the old schedule's.
+    Set it from the new one, so that every step after the old end follows the new horizon's schedule."""
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is None or not hasattr(sched, "lr_lambdas"):
+        return
+    for group, base, lam in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["lr"] = base * lam(sched.last_epoch)
 
 
 def stage_identity(cfg: Config, stage: str, inputs: dict[str, str | None]) -> dict[str, Any]:
@@ -83,8 +169,23 @@ def stage_identity(cfg: Config, stage: str, inputs: dict[str, str | None]) -> di
 def same_identity(old: dict, new: dict) -> bool:
     """Equal hashes, or the only differences are settings a later lastmile version added, at their
     defaults (an older record lacks them; the stage was made with what the default now does)."""
-    if old.get("hash") == new.get("hash"):
-        return True
+    return old.get("hash") == new.get("hash") or _same_settings(old, new)
+
+
+def horizon_only(old: dict, new: dict) -> bool:
+    """The identities differ only in how long the stage trains (HORIZON): a run to continue."""
+    keys = HORIZON.get(new.get("stage", ""), ())
+    a, b = old.get("settings"), new.get("settings", {})
+    if a is None or all(a.get(k, _ABSENT) == b.get(k, _ABSENT) for k in keys):
+        return False
+    return _same_settings({**old, "settings": _without(a, keys)}, {**new, "settings": _without(b, keys)})
+
+
+def _without(settings: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in settings.items() if k not in keys}
+
+
+def _same_settings(old: dict, new: dict) -> bool:
     a, b = old.get("settings"), new.get("settings", {})
     if a is None or old.get("inputs", {}) != new.get("inputs", {}):
         return False
@@ -156,11 +257,18 @@ def write_stage_config(cfg: Config, stage_dir: Path, tracker, dist: DistInfo, *,
 
 def mark_done(cfg: Config, stage_dir: Path, stage: str, run_id: str | None, identity: dict[str, Any]) -> None:
     """Rank 0, last: the run id for later stages, the identity into the published model, DONE.
-    Then the checkpoints go: a finished stage never resumes, and they are most of its disk."""
+    Then the checkpoints go, most of the stage's disk: all of them, or for a stage that can be continued
+    (HORIZON) all but the final one, which a larger horizon resumes from (model + optimizer state)."""
     checkpoint.write_json_atomic(stage_dir / "run.json", {"run_id": run_id, "stage": stage})
     if (stage_dir / "model").is_dir():
         checkpoint.write_json_atomic(stage_dir / "model" / IDENTITY_FILE, identity)
     faults.point("stage.before_done")
     checkpoint.write_json_atomic(stage_dir / checkpoint.DONE_FILE, {"identity": identity})
-    for leftover in ("checkpoints", "best"):
-        shutil.rmtree(stage_dir / leftover, ignore_errors=True)
+    shutil.rmtree(stage_dir / "best", ignore_errors=True)  # PPO's best is model/ now; a continued run copies it back
+    root = stage_dir / "checkpoints"
+    if stage not in HORIZON:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    checkpoint.remove_partials(root)
+    for older in checkpoint.checkpoints(root)[1:]:
+        shutil.rmtree(older, ignore_errors=True)

@@ -30,7 +30,7 @@ from lastmile import checkpoint, metrics, tracking
 from lastmile.config import Config
 from lastmile.errors import UserError
 from lastmile.plots import plot_grid, plot_metric_bars
-from lastmile.stages.evaluate import COMPARED, mlflow_name
+from lastmile.stages.evaluate import COMPARED, mlflow_name, read_results
 
 REPORTED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
 
@@ -44,6 +44,7 @@ class Evaluation:
     predictions: dict[str, tuple[str, ...]]  # system -> prediction per id
     references: tuple[str, ...]
     scores: dict[str, dict[str, list[float]]]  # system -> metric -> per example
+    output_dir: str | None = None  # an MLflow source's output_dir (its tag): what its results' paths are relative to
 
 
 def run(cfg: Config, sources: list[str]) -> dict:
@@ -105,7 +106,7 @@ def training_curves(evaluations: list[Evaluation]) -> dict[str, dict[str, list[t
         res = Path(e.source) / "results.json"
         if not res.is_file():
             continue
-        for name, system in json.loads(res.read_text()).get("systems", {}).items():
+        for name, system in read_results(Path(e.source), output_dir=e.output_dir).get("systems", {}).items():
             hist = Path(str(system.get("source", ""))).parent / "history.json"
             if name.endswith("+post") or hist in seen or not hist.is_file():
                 continue
@@ -178,7 +179,8 @@ def _from_run(cfg: Config, run_id: str, label: str | None) -> Evaluation:
     except (MlflowException, OSError) as e:
         raise UserError(f"MLflow run {run_id} at {tracking.tracking_uri(cfg)} has no evaluation artifacts "
                         f"(results.json, samples.jsonl): {str(e)[:200]}. Give the id of an evaluate run.") from None
-    return _from_folder(folder, label=label or run.info.run_name or run_id[:8], run_id=run_id)
+    return replace(_from_folder(folder, label=label or run.info.run_name or run_id[:8], run_id=run_id),
+                   output_dir=run.data.tags.get("lastmile.output_dir"))
 
 
 def _from_folder(folder: Path, *, label: str, run_id: str | None) -> Evaluation:
@@ -186,14 +188,63 @@ def _from_folder(folder: Path, *, label: str, run_id: str | None) -> Evaluation:
     if not res_file.is_file() or not samples.is_file():
         raise UserError(f"{folder} holds no evaluation (results.json and samples.jsonl). Run `lastmile evaluate` or "
                         "point at a folder it wrote, e.g. runs/demo/eval/sft.")
-    results = json.loads(res_file.read_text())
-    rows = [json.loads(x) for x in samples.read_text(encoding="utf-8").split("\n") if x.strip()]
+    results = _read_results(folder, res_file)
     names = list(results["systems"])
+    rows = _sample_rows(folder, samples, names)
+    _check_scores(folder, results, names, len(rows))
     if run_id is None:
         run_id = _run_id_of(folder)
     return Evaluation(label, str(folder), run_id, tuple(r["id"] for r in rows),
                       {n: tuple(r[n] for r in rows) for n in names}, tuple(r["reference"] for r in rows),
                       {n: results["per_example"][n] for n in names})
+
+
+def _damaged(folder: Path, problem: str) -> UserError:
+    return UserError(f"SOURCE ({folder}) is a damaged evaluation: {problem}. Its summaries and scores cannot be "
+                     f"matched, so a comparison would report wrong numbers. Delete {folder} and run `lastmile "
+                     "evaluate` again with the settings that made it, or compare another folder.")
+
+
+def _read_results(folder: Path, path: Path) -> dict:
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise _damaged(folder, f"results.json is not valid JSON ({e})") from None
+    if not (isinstance(results, dict) and isinstance(results.get("systems"), dict)
+            and isinstance(results.get("per_example"), dict)):
+        raise _damaged(folder, 'results.json has no "systems" and "per_example" as `lastmile evaluate` writes them')
+    return results
+
+
+def _sample_rows(folder: Path, path: Path, names: list[str]) -> list[dict]:
+    """samples.jsonl: one object per example with its id, reference and every system's summary."""
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _damaged(folder, f"samples.jsonl line {n} is not valid JSON ({e.msg})") from None
+        missing = [k for k in ("id", "reference", *names) if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise _damaged(folder, f"samples.jsonl line {n} has no {', '.join(map(repr, missing))} (results.json lists "
+                                   f"the systems {', '.join(names)})")
+        rows.append(row)
+    return rows
+
+
+def _check_scores(folder: Path, results: dict, names: list[str], n_rows: int) -> None:
+    """Every system has per-example scores, one per sample."""
+    for name in names:
+        scores = results["per_example"].get(name)
+        if not isinstance(scores, dict):
+            raise _damaged(folder, f"results.json has no per-example scores of system {name!r}")
+        for metric, values in scores.items():
+            if not isinstance(values, list) or len(values) != n_rows:
+                count = len(values) if isinstance(values, list) else "no list of"
+                raise _damaged(folder, f"results.json has {count} per-example {metric} scores of system {name!r} "
+                                       f"for {n_rows} samples")
 
 
 def _run_id_of(folder: Path) -> str | None:

@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lastmile import checkpoint, distributed, metrics, tracking
+from lastmile import checkpoint, distributed, metrics, seeding, tracking
 from lastmile.config import Config, flatten, to_dict
 from lastmile.data.predictions import read_predictions
 from lastmile.data.records import Example, load_split
 from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
 from lastmile.generation import generate_examples
+from lastmile.model_inputs import CAUSAL_LM, check_model_input
 from lastmile.plots import plot_histograms, plot_metric_bars
 from lastmile.stages.common import model_identity, write_stage_config
 
@@ -62,6 +63,9 @@ def run(cfg: Config) -> dict:
     if cfg.eval.baseline_model or cfg.eval.baseline_predictions:
         specs.append(SystemSpec("baseline", model=None if cfg.eval.baseline_predictions else cfg.eval.baseline_model,
                                 predictions=cfg.eval.baseline_predictions))
+    for spec, field in zip(specs, ("eval.model", "eval.baseline_model")):
+        if spec.model:  # a causal LM with its weights, before anything loads (lastmile.model_inputs)
+            check_model_input(field, spec.model, CAUSAL_LM)
     names = [s.name for s in specs]
     comparisons = [(f"{n}+post", n) for n in names] + [(f"model{x}", f"baseline{x}") for x in ("", "+post")
                                                        if "baseline" in names]
@@ -94,10 +98,14 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
     ident = _identity(cfg, specs, examples)
     folder = folder_for(folder, ident)
     done = folder / checkpoint.DONE_FILE
-    if done.is_file():
+    finished = _finished_results(folder) if done.is_file() else None
+    if finished is not None:
         if dist.is_main:
             print(f"Evaluation of {', '.join(s.name for s in specs)} unchanged; results in {folder / 'results.json'}")
-        return json.loads((folder / "results.json").read_text())
+        return finished
+    if done.is_file() and dist.is_main:  # a marker whose results are gone or cut is not done
+        print(f"{done} marks this evaluation complete, but {folder / 'results.json'} is missing or unreadable; "
+              "evaluating again.", flush=True)
     if dist.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json_atomic(folder / "identity.json", {"identity": ident})
@@ -114,11 +122,20 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
         if not dist.is_main:
             return {}
         results = score_systems(systems, examples, cfg, comparisons) | {"folder": str(folder)}
-        _write(folder, systems, examples, results, tracker)
+        _write(folder, systems, examples, results, tracker, bootstrap_samples=cfg.eval.bootstrap_samples, seed=cfg.seed,
+               output_dir=Path(cfg.output_dir))
         checkpoint.write_json_atomic(folder / "run.json", {"run_id": tracker.run_id, "stage": stage})
         checkpoint.write_json_atomic(done, {"identity": ident})
     print(f"Results: {folder / 'results.json'}; side by side: {folder / 'samples.md'}", flush=True)
     return results
+
+
+def _finished_results(folder: Path) -> dict | None:
+    """The results of a finished evaluation, or None when results.json is missing or not valid JSON."""
+    try:
+        return read_results(folder)
+    except (OSError, ValueError):
+        return None
 
 
 def folder_for(folder: Path, ident: str) -> Path:
@@ -167,6 +184,7 @@ def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistIn
     cache = _generation_cache(cfg, spec, examples)
     if cache.is_file():
         return System(spec.name, spec.model, tuple(read_predictions(cache, examples)))
+    seeding.seed_everything(cfg.seed, stage="evaluate", rank=dist.rank)  # eval.generation.strategy=sample draws
     texts = generate_examples(spec.model, cfg, examples, dist, cfg.eval.generation)
     if dist.is_main:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -224,9 +242,10 @@ def mlflow_name(system: str) -> str:
     return system.replace("+", "_")
 
 
-def _write(folder: Path, systems: list[System], examples: list[Example], results: dict, tracker) -> None:
+def _write(folder: Path, systems: list[System], examples: list[Example], results: dict, tracker, *,
+           bootstrap_samples: int, seed: int, output_dir: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json_atomic(folder / "results.json", results)
+    write_results(folder, results, output_dir)
     rows = [{"id": ex.id, "reference": ex.references[0], **{s.name: s.predictions[i] for s in systems},
              "rougeL": {s.name: results["per_example"][s.name]["rougeL"][i] for s in systems}}
             for i, ex in enumerate(examples)]
@@ -246,8 +265,8 @@ def _write(folder: Path, systems: list[System], examples: list[Example], results
     tracker.log_metrics(flat)
     shown = ("rougeL", "la_rougeL", "semantic")
     per_example = results["per_example"]
-    intervals = {n: {k: metrics.mean_interval(per_example[n][k], samples=1000, seed=0) for k in shown if k in per_example[n]}
-                 for n in per_example}
+    intervals = {n: {k: metrics.mean_interval(per_example[n][k], samples=bootstrap_samples, seed=seed)
+                     for k in shown if k in per_example[n]} for n in per_example}
     plot = plot_metric_bars(folder / "metrics.png", {n: {k: v[k] for k in shown if k in v}
                                                      for n, v in results["systems"].items()},
                             title=f"Evaluation on {results['n_examples']} examples", intervals=intervals)
@@ -258,6 +277,41 @@ def _write(folder: Path, systems: list[System], examples: list[Example], results
     for path in (folder / "results.json", folder / "samples.md", folder / "samples.jsonl", plot, lengths):
         tracker.log_artifact(path)
     print_table(results)
+
+
+def write_results(folder: Path, results: dict, output_dir: Path) -> None:
+    """folder/results.json, with the paths inside output_dir (`folder`, the systems' sources) relative to
+    it, so that a copied or moved output_dir names only itself; read_results resolves them again."""
+    out = output_dir.resolve()
+
+    def relative(path: str) -> str:
+        p = Path(path)
+        return p.resolve().relative_to(out).as_posix() if p.exists() and p.resolve().is_relative_to(out) else path
+
+    checkpoint.write_json_atomic(folder / "results.json", {
+        **results, "folder": relative(str(folder)),
+        "systems": {n: {**v, "source": relative(v["source"])} for n, v in results["systems"].items()}})
+
+
+def read_results(folder: Path, *, output_dir: str | Path | None = None) -> dict:
+    """folder/results.json with its paths usable here: `folder` is this folder, and a relative source is
+    resolved against `output_dir`, by default the one that now holds the folder (its recorded `folder`,
+    e.g. eval/sft, says how many levels up). Paths written by older versions (absolute) are returned as
+    they are."""
+    results = json.loads((folder / "results.json").read_text())
+    if not isinstance(results, dict) or not isinstance(results.get("systems", {}), dict):
+        raise ValueError(f"{folder / 'results.json'} is not an evaluation's results")
+    recorded, here = Path(str(results.get("folder") or "/")), folder.resolve()
+    relative = not recorded.is_absolute() and 0 < len(recorded.parts) <= len(here.parents)
+    out = Path(output_dir) if output_dir else here.parents[len(recorded.parts) - 1] if relative else None
+
+    def resolved(path):
+        is_path = out is not None and isinstance(path, str) and not Path(path).is_absolute()
+        return str(out / path) if is_path and (out / path).exists() else path
+
+    return {**results, "folder": str(folder),
+            "systems": {n: {**v, "source": resolved(v["source"])} if isinstance(v, dict) and "source" in v else v
+                        for n, v in results.get("systems", {}).items()}}
 
 
 def samples_markdown(rows: list[dict], names: list[str]) -> str:

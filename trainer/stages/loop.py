@@ -1,9 +1,10 @@
 """The optimizer-step loop the supervised stages share (SFT, reward model): one typed context instead
 of a dozen arguments, one loop instead of two copies.
 
-Each step: seed from the step (dropout and data order depend on the step only, so resume is exact),
-the stage's `step_fn`, its `on_step` (history, validation), metrics to the tracker, a checkpoint
-every `save_every` steps or when a stop signal arrived (then `Preempted`).
+Each step: seed from (seed, stage, step, rank) with `seeding.seed_everything` (dropout and data order
+depend on the step only, so resume is exact), the stage's `step_fn`, its `on_step` (history,
+validation), metrics to the tracker, a checkpoint every `save_every` steps or when a stop signal
+arrived (then `Preempted`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from tqdm.auto import tqdm
 
-from lastmile import checkpoint, preemption
+from lastmile import checkpoint, preemption, seeding
 from lastmile.config import BatchPlan, Config, TrainConfig
 from lastmile.distributed import DistInfo
 from lastmile.tracking import Tracker
@@ -36,7 +36,7 @@ class TrainContext:
     total_steps: int
     tracker: Tracker
     stage_dir: Path
-    name: str  # progress bar label
+    name: str  # progress bar label; also the stage name its seeds derive from
 
     @property
     def ckpt_root(self) -> Path:
@@ -61,7 +61,7 @@ def train_loop(ctx: TrainContext, state: dict, step_fn: Callable[[int], dict[str
     ctx.engine.train()
     while state["step"] < ctx.total_steps:
         t0 = time.perf_counter()
-        torch.manual_seed(ctx.cfg.seed + state["step"])
+        seeding.seed_everything(ctx.cfg.seed, stage=ctx.name, step=state["step"], rank=ctx.dist.rank)
         metrics = step_fn(state["step"])
         state["step"] += 1
         metrics["time/step_s"] = time.perf_counter() - t0

@@ -8,13 +8,18 @@ the reward model (<output_dir>/reward_model/model, frozen) and, for `ppo.advanta
 initialized from the reward model. Frozen models are inference engines (partitioned under ZeRO-3,
 no optimizer). One iteration reads: rollout -> rewards and advantages -> update -> log -> maybe
 evaluate and save. Writes <output_dir>/ppo/: model/ (the best checkpoint by `ppo.best_metric` on the
-dev split), history.json, curves.png, checkpoints/ (actor, critic, trainer state: resumable).
+dev split), history.json, curves.png, checkpoints/ (actor, critic, trainer state: resumable; a finished
+run keeps its final one, from which a larger ppo.iterations continues it, see common.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lastmile import checkpoint, distributed, preemption, rollout, tracking
+from lastmile import checkpoint, distributed, preemption, rollout, seeding, tracking
 from lastmile.algorithms.advantages import compute_gae, group_advantages, masked_whiten
 from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
 from lastmile.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
@@ -34,6 +39,7 @@ from lastmile.hybrid_engine import Sampling
 from lastmile.rollout import Rollout, RolloutModels
 from lastmile.stages import common, ppo_setup
 from lastmile.stages.ppo_eval import Evaluator
+from lastmile.timing import PhaseTimer, phase
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,7 @@ class PPOContext:
 def run(cfg: Config) -> Path:
     ppo_setup.check(cfg, distributed.setup().world_size)  # settings first, before looking for inputs
     init, rm_path = ppo_setup.input_paths(cfg)
+    ppo_setup.check_inputs(cfg, init, rm_path)  # each model against its role, before anything is written
     start = common.begin(cfg, "ppo", "PPO", inputs={"init": init, "reward_model": rm_path})
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
@@ -78,6 +85,11 @@ def run(cfg: Config) -> Path:
     extra = {"critic_engine": s.models.critic} if s.models.critic is not None else {}
     state = PPOState(**(checkpoint.resume(s.models.actor_engine, stage_dir / "checkpoints", is_main=dist.is_main,
                                           extra_engines=extra) or {}))
+    if start.horizon:  # ppo.iterations changed: go on from the checkpoint to the new number of iterations
+        common.continue_stage(start, "PPO", steps_done=state.iteration, total=cfg.ppo.iterations, unit="iterations",
+                              engines=(s.models.actor_engine, *extra.values()))
+        if dist.is_main:
+            _restore_best(stage_dir, state)
     tracker = tracking.start(cfg, stage="ppo", is_main=dist.is_main, resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "reward_model"))
@@ -99,25 +111,9 @@ def train(ctx: PPOContext, state: PPOState) -> None:
         evaluate(ctx, state)  # the SFT model's in-loop scores: the start of every curve
     bar = tqdm(total=o.iterations, initial=state.iteration, desc="ppo", unit="it", disable=not ctx.dist.is_main)
     while state.iteration < o.iterations:
-        t0 = time.perf_counter()
-        batch = collect_rollout(ctx, state.iteration)
-        t_rollout = time.perf_counter() - t0
-        if not _finite(batch, state, o.max_bad_batches):
-            state.iteration += 1
+        metrics = iterate(ctx, state)
+        if metrics is None:  # a skipped rollout
             continue
-        advantages, returns, kl_stats = compute_advantages(ctx, batch)
-        metrics = update(ctx, batch, advantages, returns, state.iteration)
-        ctx.kl.update(kl_stats["kl/seq_mean"], ctx.plan.rollout)
-        state.iteration += 1
-        metrics.update(kl_stats)
-        metrics.update(rollout_metrics(ctx, batch))
-        metrics.update({"kl/coef": ctx.kl.value, "time/rollout_s": t_rollout,
-                        "time/iteration_s": time.perf_counter() - t0,
-                        "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
-        _check_parity(metrics, state, o.parity_bound)
-        state.history.append({"iteration": state.iteration, **metrics})
-        if ctx.dist.is_main:
-            ctx.tracker.log_metrics(metrics, step=state.iteration)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
         if o.eval_every and state.iteration % o.eval_every == 0 and state.iteration < o.iterations:
@@ -134,20 +130,55 @@ def train(ctx: PPOContext, state: PPOState) -> None:
     bar.close()
 
 
-def collect_rollout(ctx: PPOContext, iteration: int) -> Rollout:
+def iterate(ctx: PPOContext, state: PPOState) -> dict[str, float] | None:
+    """One iteration: rollout -> rewards and advantages -> update -> metrics, logged and kept in the
+    history (None: the rollout was skipped). `time/<phase>_s` for each phase; `time/logging_s` is in
+    history.json only (it is measured while logging)."""
+    o = ctx.cfg.ppo
+    timer = PhaseTimer(ctx.dist.device)
+    t0 = time.perf_counter()
+    batch = collect_rollout(ctx, state.iteration, timer)
+    t_rollout = time.perf_counter() - t0
+    if not _finite(batch, state, o.max_bad_batches):
+        state.iteration += 1
+        return None
+    advantages, returns, kl_stats = compute_advantages(ctx, batch)
+    recorded = torch.zeros_like(batch.gen_logprobs) if batch.old_logprobs is None else None
+    metrics = update(ctx, batch, advantages, returns, state.iteration, record=recorded, timer=timer)
+    if recorded is not None:  # ppo.old_logprobs=update: the update's forward, for the parity check
+        batch = dataclasses.replace(batch, old_logprobs=recorded)
+    ctx.kl.update(kl_stats["kl/seq_mean"], ctx.plan.rollout)
+    state.iteration += 1
+    metrics.update(kl_stats)
+    metrics.update(rollout_metrics(ctx, batch))
+    metrics.update(timer.metrics())
+    metrics.update({"kl/coef": ctx.kl.value, "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0,
+                    "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
+    _check_parity(metrics, state, o.parity_bound)
+    t_log = time.perf_counter()
+    state.history.append({"iteration": state.iteration, **metrics})
+    if ctx.dist.is_main:
+        ctx.tracker.log_metrics(metrics, step=state.iteration)
+    state.history[-1]["time/logging_s"] = time.perf_counter() - t_log
+    return metrics
+
+
+def collect_rollout(ctx: PPOContext, iteration: int, timer: PhaseTimer | None = None) -> Rollout:
     """This rank's prompts for the iteration, each sampled `samples_per_prompt` times, then scored."""
     o, s = ctx.cfg.ppo, ctx.setup
     groups = micro_batch_indices(len(s.prompts), iteration, ctx.plan.prompt_plan, rank=ctx.dist.rank, seed=ctx.cfg.seed)
     mine = [i for g in groups for i in g for _ in range(o.samples_per_prompt)]
-    torch.manual_seed(ctx.cfg.seed * 100_003 + iteration * 1_009 + ctx.dist.rank)  # exact resume, distinct ranks
+    seeding.seed_everything(ctx.cfg.seed, stage="ppo_rollout", step=iteration, rank=ctx.dist.rank)  # distinct ranks
     sampling = Sampling(o.max_new_tokens, do_sample=True, temperature=o.temperature, top_p=o.top_p)
-    batch = rollout.sample(ctx.models, [s.prompts[i] for i in mine], mine, sampling, batch_size=ctx.plan.rollout_per_rank)
-    return rollout.complete(batch, ctx.models, s.examples, o.reward, temperature=o.temperature)
+    batch = rollout.sample(ctx.models, [s.prompts[i] for i in mine], mine, sampling, batch_size=ctx.plan.rollout_per_rank,
+                           timer=timer)
+    return rollout.complete(batch, ctx.models, s.examples, o.reward, temperature=o.temperature, timer=timer,
+                            old_logprobs=s.old_logprobs == "forward")
 
 
 def _finite(batch: Rollout, state: PPOState, max_bad: int) -> bool:
     """Skip a rollout with non-finite rewards or log-probs (on every rank); stop when it persists."""
-    tensors = [batch.scores, batch.old_logprobs, batch.ref_logprobs] + ([batch.values] if batch.values is not None else [])
+    tensors = [batch.scores, batch.behaviour_logprobs, batch.ref_logprobs] + ([batch.values] if batch.values is not None else [])
     bad = distributed.all_reduce_sum(0.0 if all(torch.isfinite(t).all() for t in tensors) else 1.0) > 0
     if not bad:
         state.bad_batches = 0
@@ -167,7 +198,7 @@ def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch
     """KL-shaped rewards and GAE with the critic, or group baselines (rloo/grpo) with the KL in the score."""
     o = ctx.cfg.ppo
     mask = b.response_mask
-    kl = kl_per_token(b.old_logprobs, b.ref_logprobs, mask, estimator=o.kl_estimator)  # (B, R)
+    kl = kl_per_token(b.behaviour_logprobs, b.ref_logprobs, mask, estimator=o.kl_estimator)  # (B, R)
     kl_seq = kl.sum(-1)  # (B,)
     if o.advantage == "gae":
         rewards = shape_rewards(b.scores, kl, mask, kl_coef=ctx.kl.value)
@@ -184,23 +215,31 @@ def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch
 
 
 def update(ctx: PPOContext, b: Rollout, advantages: torch.Tensor, returns: torch.Tensor | None,
-           iteration: int) -> dict[str, float]:
+           iteration: int, *, record: torch.Tensor | None = None, timer: PhaseTimer | None = None) -> dict[str, float]:
     """`epochs` passes over the rollout in minibatches; each minibatch is one optimizer step of the actor
-    (and critic), accumulated over micro-batches, loss = token-mean over the global minibatch."""
+    (and critic), accumulated over micro-batches, loss = token-mean over the global minibatch. Without
+    `b.old_logprobs` (ppo.old_logprobs=update) the actor's forward gives them, and `record` (B, R)
+    receives them."""
     o, plan, m = ctx.cfg.ppo, ctx.plan, ctx.models
     sums: dict[str, float] = {}
     per_rank_minibatch = plan.train.micro_batch * plan.train.grad_accum
     for epoch in range(o.epochs):
-        seed = ctx.cfg.seed * 1_000_003 + iteration * 1_009 + epoch * 31 + ctx.dist.rank
+        seed = seeding.derive_seed(ctx.cfg.seed, stage="ppo_update_order", step=iteration * o.epochs + epoch,
+                                   rank=ctx.dist.rank)
         order = torch.randperm(len(b), generator=torch.Generator().manual_seed(seed))
         for k in range(plan.minibatches):
             rows = order[k * per_rank_minibatch : (k + 1) * per_rank_minibatch]
             tokens = int(distributed.all_reduce_sum(float(b.response_mask[rows].sum())))
             for j in range(0, len(rows), plan.train.micro_batch):
                 micro = rows[j : j + plan.train.micro_batch]
-                _accumulate(sums, actor_step(ctx, b.rows(micro), advantages[micro], tokens))
+                with phase(timer, "actor_update"):
+                    stats, logp = actor_step(ctx, b.rows(micro), advantages[micro], tokens)
+                _accumulate(sums, stats)
+                if record is not None:
+                    record[micro] = logp
                 if m.critic is not None:
-                    _accumulate(sums, critic_step(ctx, b.rows(micro), returns[micro], tokens))
+                    with phase(timer, "critic_update"):
+                        _accumulate(sums, critic_step(ctx, b.rows(micro), returns[micro], tokens))
     tokens_total = distributed.all_reduce_sum(sums.pop("tokens", 0.0))
     out = {k: distributed.all_reduce_sum(v) / max(tokens_total, 1) for k, v in sorted(sums.items())}
     out["policy/lr"] = m.actor_engine.get_lr()[0]
@@ -212,8 +251,11 @@ def _accumulate(sums: dict[str, float], stats: dict[str, float]) -> None:
         sums[k] = sums.get(k, 0.0) + v
 
 
-def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor, global_tokens: int) -> dict[str, float]:
-    """One micro-batch of the clipped surrogate (+ entropy bonus); DeepSpeed steps at the boundary."""
+def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor,
+               global_tokens: int) -> tuple[dict[str, float], torch.Tensor]:
+    """One micro-batch of the clipped surrogate (+ entropy bonus); DeepSpeed steps at the boundary.
+    Returns the stats and this forward's log-probs (b, R), detached. Without `mb.old_logprobs` they
+    are the old ones (ppo.old_logprobs=update: the weights have not moved yet, so the ratio is 1)."""
     o, m = ctx.cfg.ppo, ctx.models
     P = mb.prompt_ids.shape[1]
     ids, attn, target = mb.sequences(m.device)
@@ -221,15 +263,17 @@ def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor, global_to
         logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True, temperature=o.temperature)
     logp, entropy = logp[:, P - 1 :], entropy[:, P - 1 :]
     mask = mb.response_mask.to(logp.device)
-    loss_sum, st = policy_loss(logp, mb.old_logprobs.to(logp.device), advantages.to(logp.device), mask,
-                               clip_range=o.clip_range)
+    old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(logp.device)
+    loss_sum, st = policy_loss(logp, old, advantages.to(logp.device), mask, clip_range=o.clip_range)
     ent_sum = masked_sum(entropy, mask)
     loss = token_mean_loss(loss_sum - o.entropy_coef * ent_sum, global_tokens=global_tokens,
                            grad_accum=ctx.plan.train.grad_accum, world_size=ctx.plan.train.world_size)
     m.actor_engine.backward(loss)
     m.actor_engine.step()
-    return {"policy/loss": float(loss_sum.detach()), "policy/clipfrac": st["clipped"], "policy/approx_kl": st["approx_kl"],
-            "policy/ratio": st["ratio"], "policy/entropy": float(ent_sum.detach()), "tokens": st["tokens"]}
+    stats = {"policy/loss": float(loss_sum.detach()), "policy/clipfrac": st["clipped"],
+             "policy/approx_kl": st["approx_kl"], "policy/ratio": st["ratio"], "policy/entropy": float(ent_sum.detach()),
+             "tokens": st["tokens"]}
+    return stats, logp.detach().float().cpu()
 
 
 def critic_step(ctx: PPOContext, mb: Rollout, returns: torch.Tensor, global_tokens: int) -> dict[str, float]:
@@ -303,10 +347,11 @@ def save(ctx: PPOContext, state: PPOState) -> Path:
 
 
 def finish(ctx: PPOContext, state: PPOState) -> None:
-    if not state.evals or state.evals[-1]["iteration"] != state.iteration:  # a stop on alarm has just evaluated
+    evaluated = not state.evals or state.evals[-1]["iteration"] != state.iteration  # else a stop on alarm just did
+    if evaluated:
         evaluate(ctx, state)
     final = ctx.stage_dir / "checkpoints" / f"step-{state.iteration:07d}"
-    if not final.is_dir():
+    if evaluated or not final.is_dir():  # the kept final checkpoint (a continued run starts there) holds the evaluation
         final = save(ctx, state)
     if not ctx.dist.is_main:
         return
@@ -314,9 +359,23 @@ def finish(ctx: PPOContext, state: PPOState) -> None:
     source = best if state.best and (best / "config.json").is_file() else final / "model"
     checkpoint.publish_model(source, ctx.stage_dir / "model")
     summary = {"iterations": state.iteration, "best": state.best, "alarms": state.alarms, "history": state.history,
-               "evals": state.evals, "published": str(source)}
+               "evals": state.evals, "published": source.relative_to(ctx.stage_dir.parent).as_posix()}  # ppo/best
     ppo_setup.write_outputs(ctx.stage_dir, summary, ctx.tracker)
     common.mark_done(ctx.cfg, ctx.stage_dir, "ppo", state.run_id, ctx.identity)
     print(f"PPO done: {state.iteration} iterations, model at {ctx.stage_dir / 'model'} "
           f"(best {state.best['metric']} {state.best['value']:.4f} at iteration {state.best['iteration']})"
           if state.best else f"PPO done: {state.iteration} iterations", flush=True)
+
+
+def _restore_best(stage_dir: Path, state: PPOState) -> None:
+    """A continued run's best-so-far model: the finished run published it as model/ and deleted best/."""
+    best, published = stage_dir / "best", stage_dir / "model"
+    if state.best is None or (best / "config.json").is_file() or not (published / "best.json").is_file():
+        return
+    if json.loads((published / "best.json").read_text()) != state.best:
+        return
+    tmp = best.with_name("best.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(published, tmp, ignore=shutil.ignore_patterns(common.IDENTITY_FILE, checkpoint.MANIFEST))
+    checkpoint.write_manifest(tmp)
+    os.rename(tmp, best)

@@ -8,7 +8,6 @@ except the actor's gathered copy while it generates (`hybrid_engine`, `ppo.gener
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -17,14 +16,16 @@ from pathlib import Path
 
 from lastmile_kernels.logprob import resolve_impl
 from lastmile import checkpoint, distributed
-from lastmile.config import Config, PPOPlan, plan_ppo, splits_overlap
+from lastmile.config import Config, PPOConfig, PPOPlan
 from lastmile.data.prompts import PromptBuilder, TokenizedExample
 from lastmile.data.records import Example, load_split
 from lastmile.distributed import DistInfo
 from lastmile.errors import ConfigError, UserError
 from lastmile.hybrid_engine import HybridEngine
+from lastmile.model_inputs import CAUSAL_LM, REWARD_MODEL, check_model_input, check_same_vocabulary, read_reward_stats
 from lastmile.models import (ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of, load_causal_lm,
                             load_reward_backbone, load_tokenizer)
+from lastmile.plan import check_run, too_few_prompts
 from lastmile.plots import plot_grid
 from lastmile.rollout import RolloutModels
 
@@ -42,6 +43,7 @@ class Setup:
     dev_prompts: list[TokenizedExample]
     dev_examples: list[Example]
     runtime: dict  # what was chosen at run time, logged as params
+    old_logprobs: str = "forward"  # `forward` or `update` (ppo.old_logprobs resolved)
 
     def save_best(self, folder: Path, best: dict) -> None:
         """Collective: the actor's current weights as a Hugging Face model in `folder`, atomically."""
@@ -80,21 +82,22 @@ def input_paths(cfg: Config) -> tuple[str, str]:
     return init, rm
 
 
+def check_inputs(cfg: Config, init: str, rm_path: str) -> None:
+    """Every model input against its role, before anything loads or is written (lastmile.model_inputs):
+    the actor and the reference (init) a causal LM; the reward model, and the critic started from it, a
+    trained one-label scorer with reward_stats.json that reads the actor's token ids."""
+    from_base = init == cfg.model.path and not cfg.ppo.init
+    field = "model.path" if from_base else "ppo.init"
+    check_model_input(field, init, CAUSAL_LM, gguf_file=cfg.model.gguf_file if from_base else None)
+    check_model_input("ppo.reward.model", rm_path, REWARD_MODEL)
+    tokenizer = load_tokenizer(cfg.model if from_base else replace(cfg.model, path=init, gguf_file=None), field=field)
+    check_same_vocabulary("ppo.reward.model", rm_path, tokenizer, reader="the actor", reader_path=init)
+
+
 def check(cfg: Config, world_size: int) -> PPOPlan:
-    """The settings PPO needs beyond field validation: the batch plan for this many ranks, the splits."""
-    o = cfg.ppo
-    if splits_overlap(cfg.data.dev_split, cfg.data.eval_split):
-        raise ConfigError(f"data.dev_split ({cfg.data.dev_split}) overlaps data.eval_split ({cfg.data.eval_split}). PPO "
-                          "picks its best checkpoint on the dev split, so reporting on the same data would report a "
-                          "tuned number. Set data.eval_split (or data.dev_split) to another split, or use the two "
-                          "parts of one split: validation@dev and validation@report.")
-    plan = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
-                    world_size)
-    if o.warmup_steps >= o.iterations * plan.steps_per_iteration:
-        raise ConfigError(f"ppo.warmup_steps ({o.warmup_steps}) is not below the run's "
-                          f"{o.iterations * plan.steps_per_iteration} optimizer steps: the learning rate would never "
-                          "reach ppo.lr. Lower ppo.warmup_steps.")
-    return plan
+    """The settings PPO needs beyond field validation (lastmile.plan): the batch plan for this many
+    ranks, the splits."""
+    return check_run(cfg, "ppo", world_size).ppo
 
 
 def build(cfg: Config, dist: DistInfo) -> Setup:
@@ -109,23 +112,25 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     dev_examples = load_split(cfg.data, cfg.data.dev_split, o.eval_examples)
     prompts, report = builder.tokenize(examples, with_response=False)
     dev_prompts, _ = builder.tokenize(dev_examples, with_response=False)
-    if len(prompts) < o.prompts_per_iteration:
-        raise ConfigError(f"ppo.prompts_per_iteration ({o.prompts_per_iteration}) is more than the {len(prompts)} "
-                          "training prompts. Lower it or add data.")
+    if problem := too_few_prompts(o, len(prompts)):
+        raise ConfigError(problem)
     total_steps = o.iterations * plan.steps_per_iteration
     hidden = hidden_size_of(cfg.model, None if from_base else init)
     ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden)
-    actor_lm, attn = load_causal_lm(cfg.model, dist.device, path=None if from_base else init, ds=ds_actor)
+    actor_lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init,
+                                    ds=ds_actor)
     actor_engine = distributed.build_engine(TokenLogprobModel(actor_lm, logprob_impl=o.logprob_impl), ds_actor,
                                             o.actor_optim(), total_steps=total_steps)
-    ref_lm, _ = load_causal_lm(cfg.model, dist.device, path=None if from_base else init, ds=ds_actor)
+    ref_lm, _ = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init, ds=ds_actor)
     ref = distributed.inference_engine(TokenLogprobModel(ref_lm, logprob_impl=o.logprob_impl), ds_actor, dist.device)
-    rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_actor)
+    rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, seed=cfg.seed,
+                                       ds=ds_actor)
     rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds_actor, dist.device)
     critic, stats = None, reward_stats(rm_path)
     if o.advantage == "gae":
         ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden)
-        critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, ds=ds_critic)
+        critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id,
+                                                seed=cfg.seed, ds=ds_critic)
         w = o.reward.rm_weight  # values in the reward's units (see ValueModel)
         critic_model = ValueModel(critic_model, scale=w / stats["std"], shift=-w * stats["mean"] / stats["std"])
         critic = distributed.build_engine(critic_model, ds_critic, o.critic_optim(), total_steps=total_steps)
@@ -133,22 +138,29 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
                           world_size=dist.world_size)
     models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
                            rm_stats=stats, device=dist.device, precision=cfg.precision,
-                           micro_batch=o.micro_batch_size, logprob_impl=o.logprob_impl)
+                           micro_batch=o.micro_batch_size)
+    old_logprobs = resolve_old_logprobs(o, plan, bf16=distributed.use_bf16(cfg.precision, dist.device))
     runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
+               "old_logprobs": old_logprobs,
                "logprob_impl": resolve_impl(o.logprob_impl, dist.device), "init": init, "reward_model": rm_path,
                "rollout": plan.rollout, "grad_accum": plan.train.grad_accum, "optimizer_steps": total_steps}
     if dist.is_main:
         log.info("PPO: %s; train prompts: %s", ", ".join(f"{k} {v}" for k, v in runtime.items()), report.describe())
-    return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime)
+    return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime,
+                 old_logprobs=old_logprobs)
+
+
+def resolve_old_logprobs(o: PPOConfig, plan: PPOPlan, *, bf16: bool) -> str:
+    """`forward` or `update` for ppo.old_logprobs (see its docstring); `update` was checked by the plan."""
+    if o.old_logprobs != "auto":
+        return o.old_logprobs
+    one_pass = o.epochs == 1 and plan.minibatches == 1
+    return "update" if one_pass and not bf16 else "forward"
 
 
 def reward_stats(rm_path: str) -> dict[str, float]:
-    path = Path(rm_path) / "reward_stats.json"
-    if not path.is_file():
-        log.warning("%s has no reward_stats.json; reward-model scores are used unnormalized", rm_path)
-        return {"mean": 0.0, "std": 1.0}
-    stats = json.loads(path.read_text())
-    return {"mean": float(stats["mean"]), "std": float(stats["std"]) or 1.0}
+    """The reward model's reference-score mean and std (its reward_stats.json), checked."""
+    return read_reward_stats("ppo.reward.model", rm_path)
 
 
 def write_outputs(stage_dir: Path, summary: dict, tracker) -> None:

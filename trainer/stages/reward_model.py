@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lastmile import checkpoint, distributed, metrics, tracking
+from lastmile import checkpoint, distributed, metrics, seeding, tracking
 from lastmile.algorithms.losses import auroc, pairwise_loss
 from lastmile.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from lastmile.data import sampling
@@ -33,6 +33,7 @@ from lastmile.data.records import Example, load_split
 from lastmile.data.sampling import micro_batch_indices
 from lastmile.errors import ConfigError, UserError
 from lastmile.generation import generate_examples
+from lastmile.model_inputs import ANY_LM, CAUSAL_LM, check_model_input
 from lastmile.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
 from lastmile.plots import plot_histograms
 from lastmile.stages import common
@@ -51,15 +52,18 @@ class EncodedPair:
 
 def run(cfg: Config) -> Path:
     init = _init_path(cfg)
+    _check_inputs(cfg, init)  # before anything is written
     start = common.begin(cfg, "reward_model", "Reward model", inputs={"init": init})
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
         return stage_dir / "model"
-    tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path))
+    tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path),
+                               field=_init_field(cfg, init))
     builder = PromptBuilder(tokenizer, cfg.prompt)
     train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
     pairs = make_pairs(train_ex, negative_context(tokenizer, train_ex), cfg.rm.mode_weights,
-                       per_example=cfg.rm.negatives_per_example, seed=cfg.seed)
+                       per_example=cfg.rm.negatives_per_example,
+                       seed=seeding.derive_seed(cfg.seed, stage="rm_train_pairs"))
     if cfg.rm.policy_negatives_model:
         pairs += policy_negatives(cfg, train_ex, dist, stage_dir / "policy_samples.jsonl")
     train = encode_pairs(pairs, prompt_ids_by_id(train_ex, builder), builder)
@@ -68,7 +72,7 @@ def run(cfg: Config) -> Path:
 
     ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.rm.optim(),
                                    hidden_size=hidden_size_of(cfg.model, None if init == cfg.model.path else init))
-    rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id, ds=ds)
+    rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id, seed=cfg.seed, ds=ds)
     engine = distributed.build_engine(ScalarRewardModel(rm), ds, cfg.rm.optim(), total_steps=total_steps)
     if dist.is_main:
         log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
@@ -108,6 +112,20 @@ def _init_path(cfg: Config) -> str:
     return cfg.model.path
 
 
+def _init_field(cfg: Config, init: str) -> str:
+    """The setting that chose `init`, for messages: rm.init (set, or unset: the SFT model), else model.path."""
+    return "model.path" if init == cfg.model.path and not cfg.rm.init else "rm.init"
+
+
+def _check_inputs(cfg: Config, init: str) -> None:
+    """rm.init a causal LM (it gets a new score head) or a reward model, with its weights; the model
+    sampling policy negatives a causal LM (lastmile.model_inputs)."""
+    from_base = init == cfg.model.path and not cfg.rm.init
+    check_model_input(_init_field(cfg, init), init, ANY_LM, gguf_file=cfg.model.gguf_file if from_base else None)
+    if cfg.rm.policy_negatives_model:
+        check_model_input("rm.policy_negatives_model", cfg.rm.policy_negatives_model, CAUSAL_LM)
+
+
 def _mode_counts(pairs: list[Pair]) -> str:
     counts: dict[str, int] = {}
     for p in pairs:
@@ -128,7 +146,7 @@ def policy_negatives(cfg: Config, examples: list[Example], dist, cache: Path) ->
     if cache.is_file():
         texts = read_predictions(cache, examples)
     else:
-        torch.manual_seed(cfg.seed * 1_000 + dist.rank)  # each rank samples its own shard
+        seeding.seed_everything(cfg.seed, stage="rm_policy_negatives", rank=dist.rank)  # each rank samples its shard
         gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
         texts = generate_examples(cfg.rm.policy_negatives_model, cfg, examples, dist, gen, desc="policy samples")
         if dist.is_main:
@@ -226,7 +244,8 @@ def evaluate_reward_model(cfg: Config, engine, tokenizer, builder: PromptBuilder
     """Per-mode accuracy/AUROC on held-out examples, score distributions, and the most-fooling negatives."""
     eval_ex = load_split(cfg.data, cfg.data.dev_split, cfg.rm.eval_examples or cfg.data.max_eval_examples)
     prompts = prompt_ids_by_id(eval_ex, builder)
-    pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES, seed=cfg.seed + 1)
+    pairs = pairs_for_every_mode(eval_ex, negative_context(tokenizer, eval_ex), FAILURE_MODES,
+                                 seed=seeding.derive_seed(cfg.seed, stage="rm_eval_pairs"))
     encoded = encode_pairs(pairs, prompts, builder)
     refs = [prompts[e.id] + summary_ids(builder, e.summary) for e in eval_ex]
     mle = _mle_outputs(Path(cfg.output_dir))

@@ -5,7 +5,8 @@
 
 Writes to <output_dir>/sft/: model/ (Hugging Face format), checkpoints/step-N/ (resumable),
 config.yaml, metrics.json, loss_curve.png, run.json (the MLflow run id for later stages).
-A rerun with the same output_dir resumes from the newest complete checkpoint, in the same MLflow run.
+A rerun with the same output_dir resumes from the newest complete checkpoint, in the same MLflow run;
+a larger sft.max_steps / sft.epochs continues a finished run from its kept final checkpoint (common.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
 from lastmile.generation import generate
 from lastmile.hybrid_engine import HybridEngine
+from lastmile.model_inputs import check_base_model
 from lastmile.models import TokenLogprobModel, count_parameters, hidden_size_of, load_causal_lm, load_tokenizer
 from lastmile.plots import plot_curves
 from lastmile.stages import common
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: Config) -> Path:
+    check_base_model(cfg.model)  # before anything is written: a wrong model or shape is one message
     start = common.begin(cfg, "sft", "SFT", inputs={"base": cfg.model.path})
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
@@ -47,7 +50,7 @@ def run(cfg: Config) -> Path:
     plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
     total_steps = sampling.total_steps(cfg.sft, len(train), plan, field_prefix="sft", unit="examples")
     ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.sft.optim(), hidden_size=hidden_size_of(cfg.model))
-    lm, attn = load_causal_lm(cfg.model, dist.device, ds=ds)
+    lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, ds=ds)
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
                  attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
@@ -55,6 +58,9 @@ def run(cfg: Config) -> Path:
                                       total_steps=total_steps)
     state = {"step": 0, "run_id": None, "loss_history": [], "val_history": [],
              **(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main) or {})}
+    if start.horizon:  # sft.epochs / sft.max_steps changed: go on from the checkpoint to the new horizon
+        common.continue_stage(start, "SFT", steps_done=state["step"], total=total_steps, unit="steps",
+                              engines=(engine,))
     tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state["run_id"],
                              record=stage_dir / "mlflow_run.json")
     state["run_id"] = tracker.run_id if dist.is_main else None
@@ -189,8 +195,11 @@ def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
 
 
 def _finish(ctx: TrainContext, val: list[TokenizedExample], state: dict) -> None:
-    _validate(ctx, val, state)
-    final = ctx.final_checkpoint(state)
+    validations = len(state["val_history"])
+    if not validations or state["val_history"][-1][0] != state["step"]:  # a finish resumed after a kill has it
+        _validate(ctx, val, state)
+    # The kept final checkpoint is where a larger horizon continues: it holds the final validation too.
+    final = ctx.save(state) if len(state["val_history"]) > validations else ctx.final_checkpoint(state)
     if not ctx.dist.is_main:
         return
     stage_dir = ctx.stage_dir
