@@ -147,7 +147,7 @@ CASES = [
      "model.config_overrides.num_key_value_heads (3) does not divide num_attention_heads (4)."),
     ("evaluate-without-sft", "evaluate", lambda t: [], "holds no model. Run `lastmile sft` with the same output_dir first"),
     ("ppo-without-sft", "ppo", lambda t: [], "ppo.init is unset and"),
-    ("ppo-without-reward-model", "ppo", lambda t: [f"ppo.init={_sft_like(t)}"], "holds no reward model. Run `lastmile reward-model`"),
+    ("ppo-without-reward-model", "ppo", lambda t: [f"ppo.init={_with_weights(_sft_like(t))}"], "holds no reward model. Run `lastmile reward-model`"),
     # tracking and environment
     ("tracking-unreachable", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=http://127.0.0.1:9"],
      "tracking.uri (http://127.0.0.1:9) does not answer"),

@@ -17,6 +17,7 @@ def mlflow_server(tmp_path_factory):
         yield uri
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_compare_two_evaluations_through_a_real_mlflow_server(mlflow_server, tmp_path):
     from lastmile.config import DataConfig
     from lastmile.data.records import load_split

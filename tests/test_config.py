@@ -122,6 +122,10 @@ def test_stage_identity_is_its_section_shared_settings_and_inputs():
     assert same_identity(old, base)
     moved = stage_identity(load_config(ROOT / "trainer/configs/tiny.yaml", ["data.dev_fraction=0.3"]), "sft", {})
     assert not same_identity(old, moved)  # ... but not when this run sets it to something else
+    # a PPO record from before ppo.generation_gather moved to deepspeed.generation_gather is the same stage
+    ppo = stage_identity(cfg, "ppo", {})
+    retired = {**ppo, "hash": "older", "settings": {**ppo["settings"], "ppo.generation_gather": "auto"}}
+    assert same_identity(retired, ppo)
 
 
 def _is_dataclass_decorator(node) -> bool:

@@ -93,6 +93,7 @@ def test_predictions_file_scoring_and_rescoring(tiny_sft_run, tmp_path):
     assert json.loads((other / "results.json").read_text())["systems"]["model"]["rougeL"] < 0.2
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_two_models_from_one_stage_keep_both_evaluations(tiny_sft_run, tmp_path):
     """Two SFT models evaluated into one output dir: the second gets its own folder, the first stays."""
     a = tiny_sft_run / "sft" / "model"
@@ -162,6 +163,7 @@ def test_two_rank_zero3_matches_single_process(tiny_sft_run, tmp_path):
     AutoModelForCausalLM.from_pretrained(out / "sft" / "model")
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 @pytest.mark.distributed
 def test_two_rank_zero3_evaluation_generates_what_one_process_does(tiny_sft_run, tmp_path):
     """`lastmile evaluate` on 2 ZeRO-3 ranks loads the model partitioned and generates through the hybrid
@@ -221,6 +223,7 @@ def test_tiny_reward_model_learns_and_round_trips(tiny_sft_run):
     assert rm_run["status"] == "FINISHED" and rm_run["tags.lastmile.upstream_run_id"]
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_policy_negatives_from_the_sft_model(tiny_sft_run, tmp_path):
     """The SFT model's own low-ROUGE samples join the training pairs as mode `policy`."""
     model = tiny_sft_run / "sft" / "model"

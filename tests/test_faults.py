@@ -5,7 +5,7 @@ from the last complete checkpoint and end where the uninterrupted pipeline ended
 run per stage and no duplicated metric steps.
 
     python -m pytest -m slow -k fault        # the full suite (16 kill trials + 5 others)
-    python -m pytest -k fault                # the fast subset (in the default run)
+    python -m pytest -m slow -k fast_kill    # one PPO trial, 1 minute
 
 Each trial copies the stages before the one it attacks from the uninterrupted reference run, so a
 trial costs one stage, not the whole pipeline. docs/reliability.md records the last full run.
@@ -180,8 +180,9 @@ def test_fault_kill_at_point(tiny_pipeline, tmp_path, stage, point):
     _trial(tiny_pipeline[0], tmp_path, stage, fault=point, kind="point")
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_fault_fast_kill_during_checkpoint_write(tiny_pipeline, tmp_path):
-    """The default run's subset: PPO killed while writing its second checkpoint (the first is complete):
+    """One quick trial: PPO killed while writing its second checkpoint (the first is complete):
     the rerun drops the partial one, resumes from the first, and ends like the uninterrupted run."""
     _trial(tiny_pipeline[0], tmp_path, "ppo", fault="checkpoint.before_rename@2", kind="point")
 

@@ -29,7 +29,8 @@ def _store_paths(db: Path) -> list[str]:
 
 def test_a_copied_output_dir_reads_and_writes_only_inside_itself(tiny_sft_run, tmp_path):
     orig, copy = tmp_path / "orig", tmp_path / "copy"
-    shutil.copytree(tiny_sft_run, orig)
+    # without the evaluations other tests may have left in the shared run folder: eval/sft is this test's
+    shutil.copytree(tiny_sft_run, orig, ignore=shutil.ignore_patterns("eval", "report"))
     evaluate = ("evaluate", "--config", str(TINY), "eval.semantic_model=none")
     proc = run_cli(*evaluate, f"output_dir={orig}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -123,3 +123,11 @@ def test_a_model_in_the_wrong_role_is_refused_by_validate(tmp_path, capsys):
     assert rc == 2, err
     assert f"ppo.init ({tmp_path / 'rm'}) is a LlamaForSequenceClassification, not a causal language model" in err
     assert f"ppo.reward.model ({tmp_path / 'lm'})" in err and "Traceback" not in err
+
+
+def test_a_run_cut_short_by_max_steps_only_warns_about_its_warmup(caplog):
+    """`sft.max_steps=1` on the tiny preset (warmup 2) is a deliberate smoke test: a warning, not a refusal;
+    the same warmup beyond a whole run (epochs) is refused."""
+    assert make_plan(load_config(TINY, ["sft.max_steps=1"]), "sft", 1).problems == []
+    assert "sft.max_steps=1 cuts the run short" in caplog.text
+    assert make_plan(load_config(TINY, ["sft.warmup_steps=500"]), "sft", 1).problems

@@ -318,10 +318,6 @@ class PPOConfig:
     """Clip each model's global gradient norm to this before each optimizer step (0: no clipping)."""
     logprob_impl: Literal["auto", "chunked", "triton", "reference"] = "auto"
     """Token log-prob implementation of the actor and reference forwards, as sft.logprob_impl."""
-    generation_gather: Literal["auto", "all", "layer"] = "auto"
-    """ZeRO-3 generation mode: `all` gathers the whole actor once per rollout and removes the ZeRO hooks;
-    `layer` keeps ZeRO-3's per-layer gathering with prefetch (for actors larger than one device);
-    `auto` picks `all` when the full model fits in the device's free memory."""
     parity_bound: float = 0.3
     """Alarm when max |generation log-prob - training log-prob| on the same tokens exceeds this. In fp32
     the two agree to 1e-5; under bf16 autocast the KV-cached and full forwards differ by rounding
@@ -429,6 +425,11 @@ class PredictConfig:
 class DeepSpeedConfig:
     config: str = "ds_configs/zero2.json"
     """A JSON file under ds_configs/ (or anywhere); `auto` fields are filled from this config."""
+    generation_gather: Literal["auto", "all", "layer"] = "auto"
+    """ZeRO-3 generation mode, for every model that generates under ZeRO-3 (PPO's actor, the
+    evaluated model): `all` gathers the whole actor once per rollout and removes the ZeRO hooks;
+    `layer` keeps ZeRO-3's per-layer gathering with prefetch (for actors larger than one device);
+    `auto` picks `all` when the full model fits in the device's free memory."""
 
 
 @dataclass

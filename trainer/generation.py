@@ -89,7 +89,7 @@ def generate_examples(model_path: str, cfg: Config, examples: list[Example], dis
         texts = generate(lm.to(dist.device), tokenizer, [prompts[i] for i in shard], gen, dist.device, **run)
     else:
         hybrid = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
-                              gather=cfg.ppo.generation_gather, world_size=dist.world_size)
+                              gather=cfg.deepspeed.generation_gather, world_size=dist.world_size)
         per_rank = -(-len(prompts) // dist.world_size)  # equal batch counts on every rank: layer mode's collectives
         padded = shard + (shard[-1:] or [0]) * (per_rank - len(shard))
         with hybrid.generation_mode():

@@ -3,9 +3,13 @@ resumed run sees exactly the batches the interrupted one would have seen."""
 
 from __future__ import annotations
 
+import logging
+
 from lastmile.config import BatchPlan, TrainConfig
 from lastmile.errors import ConfigError
 from lastmile.seeding import derive_seed
+
+log = logging.getLogger(__name__)
 
 
 def total_steps(train: TrainConfig, n_items: int, plan: BatchPlan, *, field_prefix: str, unit: str) -> int:
@@ -17,11 +21,15 @@ def total_steps(train: TrainConfig, n_items: int, plan: BatchPlan, *, field_pref
             f"An optimizer step needs a full batch. Lower {field_prefix}.batch_size or add data."
         )
     total = per_epoch * train.epochs
+    capped = bool(train.max_steps) and train.max_steps < total  # a run cut short on purpose (a smoke test)
     total = min(total, train.max_steps) if train.max_steps else total
     if train.warmup_steps >= total:
-        raise ConfigError(
-            f"{field_prefix}.warmup_steps ({train.warmup_steps}) is not below the run's {total} optimizer steps: the "
-            f"learning rate would never reach {field_prefix}.lr. Lower {field_prefix}.warmup_steps.")
+        problem = (f"{field_prefix}.warmup_steps ({train.warmup_steps}) is not below the run's {total} optimizer "
+                   f"steps: the learning rate would never reach {field_prefix}.lr")
+        if not capped:
+            raise ConfigError(f"{problem}. Lower {field_prefix}.warmup_steps.")
+        log.warning("%s (%s.max_steps=%d cuts the run short; fine for a smoke test)", problem, field_prefix,
+                    train.max_steps)
     return total
 
 

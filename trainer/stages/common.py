@@ -32,6 +32,9 @@ SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",)}
 # What a stage is evaluated on or how often it saves: not what it learns from.
 IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound"} | {
     f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("save_every", "keep_checkpoints", "log_every", "num_samples")}
+# Settings an older record may hold that have moved or gone, none of which changed what a stage
+# learned (ppo.generation_gather is now deepspeed.generation_gather: generation gives the same tokens).
+RETIRED = {"ppo.generation_gather"}
 # How long a stage trains. A stage whose identity differs only here continues from its newest (for a
 # finished stage: its final, kept) checkpoint instead of being refused; see `continue_stage`.
 HORIZON = {"sft": ("sft.epochs", "sft.max_steps"), "ppo": ("ppo.iterations",)}
@@ -190,7 +193,7 @@ def _same_settings(old: dict, new: dict) -> bool:
     if a is None or old.get("inputs", {}) != new.get("inputs", {}):
         return False
     defaults = flatten(to_dict(Config()))
-    changed = {k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+    changed = {k for k in set(a) | set(b) if a.get(k, _ABSENT) != b.get(k, _ABSENT)} - RETIRED
     return all(k not in a and k in defaults and b.get(k) == defaults[k] for k in changed)
 
 

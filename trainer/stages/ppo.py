@@ -63,13 +63,16 @@ class PPOContext:
     cfg: Config
     dist: DistInfo
     plan: PPOPlan
-    models: RolloutModels
     setup: ppo_setup.Setup
     evaluator: Evaluator
     kl: KLController
     tracker: tracking.Tracker
     stage_dir: Path
     identity: dict
+
+    @property
+    def models(self) -> RolloutModels:
+        return self.setup.models
 
 
 def run(cfg: Config) -> Path:
@@ -97,7 +100,7 @@ def run(cfg: Config) -> Path:
     kl = KLController(cfg.ppo.kl_coef, target=cfg.ppo.kl_target, horizon=cfg.ppo.kl_horizon)
     if state.kl:
         kl.load_state_dict(state.kl)
-    ctx = PPOContext(cfg, dist, plan, s.models, s, Evaluator(cfg, s, dist), kl, tracker, stage_dir, start.identity)
+    ctx = PPOContext(cfg, dist, plan, s, Evaluator(cfg, s, dist), kl, tracker, stage_dir, start.identity)
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime=s.runtime)
     with tracking.closing(tracker):
         train(ctx, state)

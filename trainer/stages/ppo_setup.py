@@ -3,7 +3,7 @@
 Kept apart from `ppo.py` so that the stage module reads as the iteration loop. The actor and the
 critic are trained engines; the reference and the reward model are inference engines. Under ZeRO-3
 every model is created partitioned (`models.partitioned_loading`), so no rank holds a whole model
-except the actor's gathered copy while it generates (`hybrid_engine`, `ppo.generation_gather`).
+except the actor's gathered copy while it generates (`hybrid_engine`, `deepspeed.generation_gather`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
         w = o.reward.rm_weight  # values in the reward's units (see ValueModel)
         critic_model = ValueModel(critic_model, scale=w / stats["std"], shift=-w * stats["mean"] / stats["std"])
         critic = distributed.build_engine(critic_model, ds_critic, o.critic_optim(), total_steps=total_steps)
-    hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=o.generation_gather,
+    hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=cfg.deepspeed.generation_gather,
                           world_size=dist.world_size)
     models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
                            rm_stats=stats, device=dist.device, precision=cfg.precision,

@@ -37,7 +37,7 @@ from lastmile.model_inputs import ANY_LM, CAUSAL_LM, check_model_input
 from lastmile.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
 from lastmile.plots import plot_histograms
 from lastmile.stages import common
-from lastmile.stages.loop import TrainContext, train_loop
+from lastmile.stages.loop import RewardModelState, TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 STATS_FILE = "reward_stats.json"
@@ -77,12 +77,11 @@ def run(cfg: Config) -> Path:
     if dist.is_main:
         log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
                  _mode_counts(pairs), total_steps, attn.implementation)
-    state = {"step": 0, "run_id": None, "history": [],
-             **(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main) or {})}
-    tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state["run_id"],
+    state = RewardModelState.resumed(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main))
+    tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
-    state["run_id"] = tracker.run_id
+    state.run_id = tracker.run_id
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size, "train_pairs": len(train),
         "total_steps": total_steps})
@@ -90,11 +89,11 @@ def run(cfg: Config) -> Path:
                        "reward-model")
     with tracking.closing(tracker):
         train_loop(ctx, state, lambda step: rm_train_step(engine, train, step, plan, cfg, dist, tokenizer.pad_token_id),
-                   on_step=lambda st, m: st["history"].append((st["step"], m["rm/loss"], m["rm/accuracy"])),
+                   on_step=lambda st, m: st.history.append((st.step, m["rm/loss"], m["rm/accuracy"])),
                    show=("rm/loss", "rm/accuracy"))
         _evaluate_and_save(ctx, builder, state)
         if dist.is_main:
-            common.mark_done(cfg, stage_dir, "reward_model", state["run_id"], start.identity)
+            common.mark_done(cfg, stage_dir, "reward_model", state.run_id, start.identity)
     return stage_dir / "model"
 
 
@@ -294,7 +293,7 @@ def _mle_outputs(output_dir: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _evaluate_and_save(ctx: TrainContext, builder: PromptBuilder, state: dict) -> None:
+def _evaluate_and_save(ctx: TrainContext, builder: PromptBuilder, state: RewardModelState) -> None:
     results = evaluate_reward_model(ctx.cfg, ctx.engine, ctx.tokenizer, builder, ctx.dist)
     final = ctx.final_checkpoint(state)
     if not ctx.dist.is_main:
@@ -308,7 +307,7 @@ def _evaluate_and_save(ctx: TrainContext, builder: PromptBuilder, state: dict) -
                            xlabel="score")
     flat = {f"rm_eval/{mode}/{k}": v for mode, d in results["per_mode"].items() for k, v in d.items() if k != "pairs"}
     flat.update({f"rm_eval/score_mean/{k}": v for k, v in results["score_means"].items()})
-    tracker.log_metrics(flat, step=state["step"])
+    tracker.log_metrics(flat, step=state.step)
     for path in (stage_dir / "results.json", stage_dir / "fooled.md", plot):
         tracker.log_artifact(path)
     lines = [f"{'mode':<20}{'pairs':>7}{'accuracy':>10}{'auroc':>8}"]

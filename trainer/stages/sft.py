@@ -34,7 +34,7 @@ from lastmile.model_inputs import check_base_model
 from lastmile.models import TokenLogprobModel, count_parameters, hidden_size_of, load_causal_lm, load_tokenizer
 from lastmile.plots import plot_curves
 from lastmile.stages import common
-from lastmile.stages.loop import TrainContext, train_loop
+from lastmile.stages.loop import SFTState, TrainContext, train_loop
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +56,27 @@ def run(cfg: Config) -> Path:
                  attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
     engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), ds, cfg.sft.optim(),
                                       total_steps=total_steps)
-    state = {"step": 0, "run_id": None, "loss_history": [], "val_history": [],
-             **(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main) or {})}
+    state = SFTState.resumed(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main))
     if start.horizon:  # sft.epochs / sft.max_steps changed: go on from the checkpoint to the new horizon
-        common.continue_stage(start, "SFT", steps_done=state["step"], total=total_steps, unit="steps",
+        common.continue_stage(start, "SFT", steps_done=state.step, total=total_steps, unit="steps",
                               engines=(engine,))
-    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state["run_id"],
+    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json")
-    state["run_id"] = tracker.run_id if dist.is_main else None
+    state.run_id = tracker.run_id if dist.is_main else None
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size,
         "logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device), "train_examples": len(train),
         "total_steps": total_steps, "grad_accum": plan.grad_accum})
     ctx = TrainContext(cfg, dist, cfg.sft, engine, ds, lm, "lm.", tokenizer, plan, total_steps, tracker, stage_dir, "sft")
     with tracking.closing(tracker):
-        if state["step"] == 0 and cfg.sft.eval_every:  # the untuned model's validation loss: the curve's start
+        if state.step == 0 and cfg.sft.eval_every:  # the untuned model's validation loss: the curve's start
             _validate(ctx, val, state)
         train_loop(ctx, state, lambda step: _step(ctx, train, step),
                    on_step=lambda st, metrics: _after_step(ctx, val, st, metrics), log_every=cfg.sft.log_every,
                    show=("sft/loss",))
         _finish(ctx, val, state)
         if dist.is_main:
-            common.mark_done(cfg, stage_dir, "sft", state["run_id"], start.identity)
+            common.mark_done(cfg, stage_dir, "sft", state.run_id, start.identity)
     return stage_dir / "model"
 
 
@@ -138,10 +137,10 @@ def _step(ctx: TrainContext, train: list[TokenizedExample], step: int) -> dict[s
     return metrics
 
 
-def _after_step(ctx: TrainContext, val: list[TokenizedExample], state: dict, metrics: dict[str, float]) -> None:
-    state["loss_history"].append((state["step"], metrics["sft/loss"]))
+def _after_step(ctx: TrainContext, val: list[TokenizedExample], state: SFTState, metrics: dict[str, float]) -> None:
+    state.loss_history.append((state.step, metrics["sft/loss"]))
     every = ctx.cfg.sft.eval_every
-    if every and state["step"] % every == 0 and state["step"] < ctx.total_steps:
+    if every and state.step % every == 0 and state.step < ctx.total_steps:
         _validate(ctx, val, state)
 
 
@@ -165,19 +164,19 @@ def validation_loss(engine, val: list[TokenizedExample], micro_batch: int, preci
     return distributed.all_reduce_sum(nll) / max(distributed.all_reduce_sum(tokens), 1)
 
 
-def _validate(ctx: TrainContext, val: list[TokenizedExample], state: dict) -> None:
+def _validate(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -> None:
     cfg = ctx.cfg
     if not val or not cfg.sft.eval_examples:
         return
     loss = validation_loss(ctx.engine, val[: cfg.sft.eval_examples], cfg.sft.micro_batch_size, cfg.precision, ctx.dist,
                            ctx.tokenizer.pad_token_id)
-    state["val_history"].append((state["step"], loss))
+    state.val_history.append((state.step, loss))
     samples = _sample_generations(ctx, val)
     if ctx.dist.is_main:
-        ctx.tracker.log_metrics({"sft/val_loss": loss}, step=state["step"])
+        ctx.tracker.log_metrics({"sft/val_loss": loss}, step=state.step)
         if samples:
-            ctx.tracker.log_text(samples, f"samples/step-{state['step']:07d}.md")
-        log.info("step %d: val_loss %.4f", state["step"], loss)
+            ctx.tracker.log_text(samples, f"samples/step-{state.step:07d}.md")
+        log.info("step %d: val_loss %.4f", state.step, loss)
 
 
 def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
@@ -194,22 +193,22 @@ def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
     return "\n\n".join(f"### {ex.id}\n{t}" for ex, t in zip(val[:n], texts))
 
 
-def _finish(ctx: TrainContext, val: list[TokenizedExample], state: dict) -> None:
-    validations = len(state["val_history"])
-    if not validations or state["val_history"][-1][0] != state["step"]:  # a finish resumed after a kill has it
+def _finish(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -> None:
+    validations = len(state.val_history)
+    if not validations or state.val_history[-1][0] != state.step:  # a finish resumed after a kill has it
         _validate(ctx, val, state)
     # The kept final checkpoint is where a larger horizon continues: it holds the final validation too.
-    final = ctx.save(state) if len(state["val_history"]) > validations else ctx.final_checkpoint(state)
+    final = ctx.save(state) if len(state.val_history) > validations else ctx.final_checkpoint(state)
     if not ctx.dist.is_main:
         return
     stage_dir = ctx.stage_dir
     checkpoint.publish_model(final / "model", stage_dir / "model")
-    losses, vals = state["loss_history"], state["val_history"]
-    summary = {"step": state["step"], "final_loss": losses[-1][1] if losses else None,
+    losses, vals = state.loss_history, state.val_history
+    summary = {"step": state.step, "final_loss": losses[-1][1] if losses else None,
                "final_val_loss": vals[-1][1] if vals else None, "loss_history": losses, "val_history": vals}
     checkpoint.write_json_atomic(stage_dir / "metrics.json", summary)
     plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": losses, "val loss": vals}, title="SFT",
                        ylabel="NLL per target token")
     for path in (stage_dir / "metrics.json", plot):
         ctx.tracker.log_artifact(path)
-    print(f"SFT done: {state['step']} steps, model at {stage_dir / 'model'}", flush=True)
+    print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)
