@@ -456,7 +456,8 @@ class Config:
     negatives, sampling and dropout all derive from it with (stage, step, rank) (`lastmile.seeding`).
     Part of every stage's identity: changing it reruns finished stages."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """`auto`: bf16 autocast where the device supports it (CUDA with bf16, CPU), else fp32."""
+    """`auto`: bf16 autocast where the device computes it natively (CUDA with bf16; a CPU with AVX-512
+    BF16 or AMX), else fp32: emulated bf16 on an AVX2-only CPU was 12x slower than fp32."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and tokenizer (`model.*`)."""
     data: DataConfig = field(default_factory=DataConfig)
