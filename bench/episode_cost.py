@@ -37,23 +37,14 @@ VARIANTS = {"before": ["ppo.old_logprobs=forward"], "after": []}
 
 def prepare(work: Path, data: Path | None, n: int) -> dict:
     """The model, a seeded untrained reward model, and a data folder of `n` documents (all splits alike)."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    from rl_iteration import untrained_reward_model  # bench/ is this script's folder, first on sys.path
 
     from lastmile.config import DataConfig, ModelConfig
     from lastmile.data.records import load_split
     from lastmile.models import load_tokenizer, resolve_model_path
 
     model = resolve_model_path("smollm2-135m-instruct")
-    rm_dir = work / "reward_model"
-    if not (rm_dir / "config.json").is_file():
-        tok = load_tokenizer(ModelConfig())
-        torch.manual_seed(0)
-        rm = AutoModelForSequenceClassification.from_pretrained(model, num_labels=1, dtype=torch.float32)
-        rm.config.pad_token_id = tok.pad_token_id
-        rm.save_pretrained(rm_dir)
-        tok.save_pretrained(rm_dir)
-        (rm_dir / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    rm_dir = untrained_reward_model(work, model, load_tokenizer(ModelConfig()))
     source = DataConfig(source=str(data), references_field=None) if data else DataConfig()
     examples = load_split(source, "train", n)
     folder = work / "data"

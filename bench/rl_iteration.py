@@ -31,18 +31,12 @@ VENVS = ROOT / "bench" / "venvs"
 PEERS = {"grpo": "trl-1.16.0", "ppo": "trl-1.7.1"}
 
 
-def prepare(work: Path, n_prompts: int, doc_tokens: int) -> dict:
-    """Model folder, shared reward model, prompts (text for TRL, a data folder for us)."""
+def untrained_reward_model(work: Path, model: str, tok) -> Path:
+    """A seeded, untrained 1-label reward model from the backbone `model`, with neutral statistics,
+    in work/reward_model (made once): the same reward signal for every trainer a bench compares."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from lastmile.config import DataConfig, ModelConfig, PromptConfig
-    from lastmile.data.prompts import PromptBuilder
-    from lastmile.data.records import load_split
-    from lastmile.models import load_tokenizer, resolve_model_path
-
-    model = resolve_model_path("smollm2-135m-instruct")
-    tok = load_tokenizer(ModelConfig())
     rm_dir = work / "reward_model"
     if not (rm_dir / "config.json").is_file():
         torch.manual_seed(0)
@@ -51,6 +45,19 @@ def prepare(work: Path, n_prompts: int, doc_tokens: int) -> dict:
         rm.save_pretrained(rm_dir)
         tok.save_pretrained(rm_dir)
         (rm_dir / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    return rm_dir
+
+
+def prepare(work: Path, n_prompts: int, doc_tokens: int) -> dict:
+    """Model folder, shared reward model, prompts (text for TRL, a data folder for us)."""
+    from lastmile.config import DataConfig, ModelConfig, PromptConfig
+    from lastmile.data.prompts import PromptBuilder
+    from lastmile.data.records import load_split
+    from lastmile.models import load_tokenizer, resolve_model_path
+
+    model = resolve_model_path("smollm2-135m-instruct")
+    tok = load_tokenizer(ModelConfig())
+    rm_dir = untrained_reward_model(work, model, tok)
     examples = load_split(DataConfig(), "train", n_prompts)
     builder = PromptBuilder(tok, PromptConfig(max_document_tokens=doc_tokens))
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": builder.prompt_text(e.document)[0]}) + "\n"
