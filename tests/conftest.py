@@ -36,6 +36,23 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
 
 
 @contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str = "6m"):
+    """A tmpfs of `size` mounted on `folder` (created), unmounted when the block ends: a disk that fills
+    up. Skips the test where mounting needs a root this process is not, or is refused."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)])
+
+
+@contextlib.contextmanager
 def mlflow_server_on(store: str, log: Path, *extra: str):
     """A real `mlflow server` on a free 127.0.0.1 port over `store`; yields its URI once /health answers
     (skips the test when it does not within 90 s). Stopped by its process group when done."""

@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import clean_env, ROOT, TINY, run_cli
+from conftest import clean_env, ROOT, TINY, run_cli, small_tmpfs
 
 from lastmile.checkpoint import MANIFEST, verify_manifest
 
@@ -242,13 +242,7 @@ def test_fault_corrupted_newest_checkpoint(tiny_pipeline, tmp_path):
 def test_fault_full_disk(tiny_pipeline, tmp_path):
     """SFT on a small tmpfs that fills up: one message naming the cause, no traceback, nothing partial
     that looks complete; with room again, the rerun finishes like the uninterrupted run."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path / "small") as mnt:
         out = mnt / "run"
         proc = run_cli("sft", "--config", str(TINY), f"output_dir={out}", "tracking.enabled=false")
         assert proc.returncode == 74, proc.stderr[-2000:]
@@ -256,8 +250,6 @@ def test_fault_full_disk(tiny_pipeline, tmp_path):
         assert _nothing_partial_looks_complete(out) == [] and not (out / "sft" / "DONE.json").exists()
         big = tmp_path / "big"
         shutil.copytree(out, big)
-    finally:
-        subprocess.run(["umount", str(mnt)])
     rerun = run_cli("sft", "--config", str(TINY), f"output_dir={big}", "tracking.enabled=false")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     got = json.loads((big / "sft" / "metrics.json").read_text())["loss_history"]

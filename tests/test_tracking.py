@@ -141,25 +141,14 @@ def test_a_full_disk_under_checkpoint_and_store_ends_the_run(tmp_path):
     """The issue's case, on a real full disk: SFT with its default store on a 6 MB tmpfs. The failed
     checkpoint write's file is closed and deleted, so the run can still be marked FAILED."""
     import contextlib
-    import os
-    import shutil
     import sqlite3
-    import subprocess
 
-    from conftest import run_cli
+    from conftest import run_cli, small_tmpfs
 
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with small_tmpfs(tmp_path / "small") as mnt:
         proc = run_cli("sft", "--config", str(TINY), f"output_dir={mnt / 'run'}")
         with contextlib.closing(sqlite3.connect(mnt / "run" / "mlflow.db")) as con:  # closed, or umount is refused
             statuses = [s for (s,) in con.execute("SELECT status FROM runs")]
-    finally:
-        subprocess.run(["umount", str(mnt)])
     assert proc.returncode == 74, proc.stderr[-2000:]
     assert f"No space left on device while writing {mnt}/run/sft/checkpoints/step-0000004.partial" in proc.stderr
     assert "Traceback" not in proc.stderr and "autoflush" not in proc.stderr and "tracking store" not in proc.stderr
