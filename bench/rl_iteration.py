@@ -1,4 +1,4 @@
-"""One RL iteration (rollout + scoring + update): lastmile PPO vs TRL GRPOTrainer and TRL PPOTrainer.
+"""One RL iteration (rollout + scoring + update): lastmile PPO vs TRL GRPOTrainer, RLOOTrainer and PPOTrainer.
 
     bash bench/setup_peers.sh                      # once: venvs with trl 1.16.0 and trl 1.7.1
     python bench/rl_iteration.py --rounds 2 --steps 3
@@ -8,6 +8,7 @@ every trainer), an untrained 1-label reward model built from the same backbone (
 all), fp32 on CPU. Like for like:
 - vs TRL GRPO: 4 prompts x 4 completions, up to 48 new tokens, one optimizer step over the 16, KL to a
   frozen reference; ours with `ppo.advantage=grpo` (critic-free, same group estimator).
+- vs TRL RLOO (1.16): the same work with the leave-one-out baseline; ours with `ppo.advantage=rloo`.
 - vs TRL PPO: 16 prompts x 1 completion, critic initialized from the reward model, one PPO epoch as one
   optimizer step; ours with `ppo.advantage=gae`.
 Runs alternate (ours, GRPO peer, ours, PPO peer per round, the order rotating); each reports its own
@@ -28,7 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENVS = ROOT / "bench" / "venvs"
-PEERS = {"grpo": "trl-1.16.0", "ppo": "trl-1.7.1"}
+PEERS = {"grpo": "trl-1.16.0", "rloo": "trl-1.16.0", "ppo": "trl-1.7.1"}
+GROUP = ("grpo", "rloo")  # critic-free: prompts x completions; ppo: prompts*completions x 1
 
 
 def untrained_reward_model(work: Path, model: str, tok) -> Path:
@@ -71,7 +73,7 @@ def prepare(work: Path, n_prompts: int, doc_tokens: int) -> dict:
 
 
 def run_ours(kind: str, inputs: dict, args, out: Path) -> dict:
-    prompts, samples = (args.prompts, args.completions) if kind == "grpo" else (args.prompts * args.completions, 1)
+    prompts, samples = (args.prompts, args.completions) if kind in GROUP else (args.prompts * args.completions, 1)
     overrides = [
         f"output_dir={out}", "precision=fp32", "tracking.enabled=false", f"data.source={inputs['data']}",
         "data.references_field=null", "data.eval_split=test", "data.dev_split=validation",
@@ -80,7 +82,7 @@ def run_ours(kind: str, inputs: dict, args, out: Path) -> dict:
         "ppo.reward.no_eos_penalty=0", f"ppo.iterations={args.steps}", f"ppo.prompts_per_iteration={prompts}",
         f"ppo.samples_per_prompt={samples}", f"ppo.minibatch_size={prompts * samples}",
         f"ppo.micro_batch_size={args.micro_batch}", "ppo.epochs=1", f"ppo.max_new_tokens={args.max_new_tokens}",
-        f"ppo.advantage={'grpo' if kind == 'grpo' else 'gae'}", "ppo.kl_coef=0.05", "ppo.eval_every=0",
+        f"ppo.advantage={kind if kind in GROUP else 'gae'}", "ppo.kl_coef=0.05", "ppo.eval_every=0",
         "ppo.eval_examples=1", "ppo.save_every=0", "ppo.lr=1e-6", "ppo.whiten_advantages=false",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -99,7 +101,7 @@ def run_peer(kind: str, inputs: dict, args, out: Path) -> dict:
     python = VENVS / PEERS[kind] / "bin" / "python"
     if not python.is_file():
         raise SystemExit(f"{python} is missing. Run `bash bench/setup_peers.sh` first.")
-    prompts, completions = (args.prompts, args.completions) if kind == "grpo" else (args.prompts * args.completions, 1)
+    prompts, completions = (args.prompts, args.completions) if kind in GROUP else (args.prompts * args.completions, 1)
     result = out / "result.json"
     cmd = [str(python), str(ROOT / "bench" / "trl_peer.py"), "--trainer", kind, "--model", inputs["model"],
            "--reward-model", inputs["reward_model"], "--prompts", inputs["prompts"], "--prompts-per-step",
@@ -123,7 +125,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--doc-tokens", type=int, default=192)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--peers", default="grpo,ppo")
+    p.add_argument("--peers", default="grpo,rloo,ppo")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
@@ -156,7 +158,7 @@ def report(results: dict[str, list[dict]], args) -> None:
           f"{args.rounds} alternating rounds x {args.steps} iterations (first dropped)")
     print(f"{'trainer':<14}{'prompts':>8}{'compl.':>8}{'s/iter':>9}{'prompts/s':>11}{'peak RSS GB':>13}"
           f"{'speed-up':>10}{'memory':>8}")
-    for kind in [k for k in ("grpo", "ppo") if f"trl-{k}" in results]:
+    for kind in [k for k in ("grpo", "rloo", "ppo") if f"trl-{k}" in results]:
         for name in (f"ours-{kind}", f"trl-{kind}"):
             if name not in results:
                 continue

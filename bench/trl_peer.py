@@ -1,4 +1,4 @@
-"""The peer side of bench/rl_iteration.py: TRL's GRPOTrainer (trl 1.16) or PPOTrainer (trl 1.7.1).
+"""The peer side of bench/rl_iteration.py: TRL's GRPOTrainer or RLOOTrainer (trl 1.16) or PPOTrainer (trl 1.7.1).
 
 Runs inside a peer venv (bench/setup_peers.sh), never in the project's:
 
@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--trainer", choices=["grpo", "ppo"], required=True)
+    p.add_argument("--trainer", choices=["grpo", "rloo", "ppo"], required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--reward-model", required=True)
     p.add_argument("--prompts", required=True)
@@ -64,15 +64,15 @@ def main() -> None:
                   fp16=False, learning_rate=1e-6, seed=0, per_device_train_batch_size=args.micro_batch,
                   gradient_checkpointing=False)  # TRL's default (True) recomputes activations; ours does not
     total = args.prompts_per_step * args.completions_per_prompt
-    if args.trainer == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
-
-        cfg = GRPOConfig(**common, num_generations=args.completions_per_prompt, max_completion_length=args.max_new_tokens,
-                         gradient_accumulation_steps=total // args.micro_batch, num_iterations=1, beta=0.05,
-                         temperature=1.0, max_steps=args.steps, generation_batch_size=total)
-        trainer = GRPOTrainer(model=args.model, reward_funcs=args.reward_model, args=cfg,
-                              train_dataset=Dataset.from_list([{"prompt": x} for x in prompts]),
-                              processing_class=tok, callbacks=[StepTimer()])
+    if args.trainer in ("grpo", "rloo"):  # trl 1.x's RLOOTrainer is GRPOTrainer's loop with the leave-one-out baseline
+        Config, Trainer = ((trl.GRPOConfig, trl.GRPOTrainer) if args.trainer == "grpo"
+                           else (trl.RLOOConfig, trl.RLOOTrainer))
+        cfg = Config(**common, num_generations=args.completions_per_prompt, max_completion_length=args.max_new_tokens,
+                     gradient_accumulation_steps=total // args.micro_batch, num_iterations=1, beta=0.05,
+                     temperature=1.0, max_steps=args.steps, generation_batch_size=total)
+        trainer = Trainer(model=args.model, reward_funcs=args.reward_model, args=cfg,
+                          train_dataset=Dataset.from_list([{"prompt": x} for x in prompts]),
+                          processing_class=tok, callbacks=[StepTimer()])
     else:
         from trl.experimental.ppo import PPOConfig, PPOTrainer
 

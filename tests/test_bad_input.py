@@ -159,7 +159,7 @@ CASES = [
     ("tracking-store-unwritable", "sft", lambda t: ["tracking.enabled=true", "tracking.uri=sqlite:////proc/lastmile/m.db"],
      "tracking.uri (sqlite:////proc/lastmile/m.db): /proc/lastmile is not writable."),
     ("disk-too-small", "sft", lambda t: [f"model.path={_huge_model(t)}", "model.random_init=false"],
-     "GB free; this run needs about 4096.0 GB (4x the model's 1024.00 GB of weights", 74),
+     "GB free; this run needs about 6144.0 GB (6x the model's 1024.00 GB of weights", 74),
     ("compare-unknown-source", "compare", lambda t: [str(t / "nowhere")], "is neither an evaluation folder"),
     ("compare-cut-results", "compare", lambda t: [str(_evaluation(t, cut_results=True))],
      "SOURCE ({case}/eval) is a damaged evaluation: results.json is not valid JSON"),

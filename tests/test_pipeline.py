@@ -177,6 +177,22 @@ def test_critic_free_ppo_trains_end_to_end_without_a_critic(tiny_pipeline, tmp_p
         assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values(), strict=True))
 
 
+def test_remax_ppo_scores_a_greedy_response_per_prompt_as_the_baseline(tiny_pipeline, tmp_path):
+    """`ppo.advantage=remax`: one greedy response per prompt, scored by the same reward and not trained
+    on, is the baseline; no critic; the iteration logs the greedy reward and the phase's time."""
+    src, _ = tiny_pipeline
+    out = tmp_path / "remax"
+    proc = run_cli("ppo", "--config", str(TINY), f"output_dir={out}", f"ppo.init={src / 'sft' / 'model'}",
+                   f"ppo.reward.model={src / 'reward_model' / 'model'}", "ppo.advantage=remax", "ppo.iterations=1",
+                   "ppo.samples_per_prompt=2", "ppo.prompts_per_iteration=4", "ppo.minibatch_size=8", "ppo.eval_every=0",
+                   "ppo.save_every=0", "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (h,) = json.loads((out / "ppo" / "history.json").read_text())["history"]
+    assert not any(k.startswith("value/") for k in h) and math.isfinite(h["policy/loss"])
+    assert math.isfinite(h["reward/greedy_score_mean"]) and h["time/greedy_baseline_s"] > 0
+    assert h["mem/generation_peak_gb"] > 0  # phase memory is measured alongside phase time
+
+
 @pytest.mark.distributed
 def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
     """`deepspeed --num_gpus 2 trainer/main.py ppo ... deepspeed.config=zero3` on CPU: the hybrid engine

@@ -186,6 +186,56 @@ def test_grpo_hand_values():
                  atol=1e-4)
 
 
+@pytest.mark.parametrize("estimator,whiten,expected", [
+    # the estimators as cited: rloo and grpo are their own advantages, unwhitened (groups [1, 2], [3, 5])
+    ("rloo", None, [-1.0, 1.0, -2.0, 2.0]),
+    ("grpo", None, [-1 / math.sqrt(2), 1 / math.sqrt(2), -1 / math.sqrt(2), 1 / math.sqrt(2)]),
+    # whitening asked for: mean 0, population variance 1 over the four: rloo's [-1, 1, -2, 2] / sqrt(2.5)
+    ("rloo", True, [-1 / math.sqrt(2.5), 1 / math.sqrt(2.5), -2 / math.sqrt(2.5), 2 / math.sqrt(2.5)]),
+    # remax: minus the greedy reward of each row's prompt (1.5 and 4.5, one per prompt, repeated per sample)
+    ("remax", None, [-0.5, 0.5, -1.5, 0.5]),
+])
+def test_ppo_stage_uses_each_group_estimator_as_cited_unless_whitening_is_asked(estimator, whiten, expected):
+    from types import SimpleNamespace
+
+    from lastmile.config import load_config, whitens_advantages
+    from lastmile.stages.ppo import compute_advantages
+
+    cfg = load_config(None, [f"ppo.advantage={estimator}", "ppo.samples_per_prompt=2", "ppo.kl_coef=0.0"]
+                      + ([f"ppo.whiten_advantages={str(whiten).lower()}"] if whiten is not None else []))
+    assert whitens_advantages(cfg.ppo) is bool(whiten)
+    mask = torch.tensor([[True, True, False]] * 4)
+    zeros = torch.zeros(4, 3)
+    rollout = SimpleNamespace(scores=torch.tensor([1.0, 2.0, 3.0, 5.0]), response_mask=mask, behaviour_logprobs=zeros,
+                              ref_logprobs=zeros, values=None, greedy_scores=torch.tensor([1.5, 1.5, 4.5, 4.5]))
+    ctx = SimpleNamespace(cfg=cfg, kl=SimpleNamespace(value=0.0))
+    advantages, returns, _ = compute_advantages(ctx, _Sized(rollout))
+    assert returns is None
+    assert close(advantages[:, 0], expected, atol=1e-4) and close(advantages[:, 1], expected, atol=1e-4)
+    assert close(advantages[:, 2], [0.0] * 4)
+    assert load_config(None, []).ppo.whiten_advantages is None and whitens_advantages(load_config(None, []).ppo)
+
+
+class _Sized:
+    """A rollout stand-in with a length (SimpleNamespace has none)."""
+
+    def __init__(self, ns):
+        self.__dict__.update(vars(ns))
+
+    def __len__(self):
+        return len(self.scores)
+
+
+def test_greedy_baseline_hand_values_and_shapes():
+    from lastmile.algorithms.advantages import greedy_baseline_advantages
+
+    # sampled rewards [0.2, 0.9] for a prompt whose greedy response scored 0.5: one below, one above
+    a = greedy_baseline_advantages(torch.tensor([0.2, 0.9], dtype=torch.bfloat16), torch.tensor([0.5, 0.5]))
+    assert a.dtype == torch.float32 and close(a, [-0.3, 0.4], atol=5e-3)
+    with pytest.raises(ValueError, match="one greedy reward per sampled row"):
+        greedy_baseline_advantages(torch.zeros(4), torch.zeros(2))
+
+
 def test_group_advantages_rejects_bad_groups():
     with pytest.raises(ValueError, match="multiple of group_size"):
         group_advantages(torch.arange(5.0), 2, estimator="rloo")

@@ -21,16 +21,27 @@ def _parser() -> argparse.ArgumentParser:
         ("predict", "summarize unlabeled documents (JSONL/CSV/Parquet) into {id, prediction} JSONL; resumable"),
         ("compare", "compare evaluated systems: SOURCE... (evaluation folders, MLflow run ids, pipeline:<id>)"),
         ("validate", "check a config and the plan of a command (--for, default pipeline); print both"),
+        ("plan", "memory per rank and time per step of a command's stages, the verdict, and what would make it fit"),
     ):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("--config", required=False, help="YAML preset, e.g. trainer/configs/tiny.yaml")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.lr=1e-5 output_dir=runs/x"
                        + (" (and the SOURCEs to compare)" if name == "compare" else ""))
-        if name == "validate":
+        if name in ("validate", "plan"):
             from lastmile.plan import STAGES
 
             s.add_argument("--for", dest="for_command", choices=list(STAGES), default="pipeline",
                            help="check the plan of this command (default pipeline: every stage)")
+        if name == "plan":
+            s.add_argument("--shape", help="plan for a published shape instead of model.path's: "
+                           "135m, 1b, 7b, 70b (Llama architecture)")
+            s.add_argument("--gpus", type=int, help="GPUs per node (default: CPU ranks, WORLD_SIZE or 1)")
+            s.add_argument("--gpu-mem", type=float, help="GiB per GPU (default 80)")
+            s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+            s.add_argument("--host-mem", type=float, help="GiB of host memory per node (default: this machine's for "
+                           "CPU ranks, unchecked for GPU nodes)")
+            s.add_argument("--tflops", type=float, help="peak TFLOP/s per rank (default: H100 bf16 989 on GPUs, "
+                           "0.089 measured on 2 CPU cores)")
     return p
 
 
@@ -70,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             print(plan.describe(), file=sys.stderr)
             print(f"OK: {args.config or 'defaults'} is valid for `lastmile {args.for_command}`.", file=sys.stderr)
             return 0
+        if args.command == "plan":
+            from lastmile.plan import print_memory_plan
+
+            return print_memory_plan(cfg, args)
         from lastmile import preflight
 
         if args.command != "predict":  # predict writes predict.output only: no output_dir, no tracking

@@ -272,9 +272,10 @@ class PPOConfig:
     top_p: float = 1.0
     """Nucleus sampling for the rollouts (1.0: off; top-k is off). Log-probs are not renormalized over
     the nucleus: below 1, the parity check and the ratios see the untruncated distribution."""
-    advantage: Literal["gae", "rloo", "grpo"] = "gae"
+    advantage: Literal["gae", "rloo", "grpo", "remax"] = "gae"
     """`gae`: per-token advantages from a critic (initialized from the reward model); `rloo` / `grpo`:
-    critic-free, from the other samples of the same prompt."""
+    critic-free, from the other samples of the same prompt; `remax`: critic-free, the reward of the
+    prompt's greedy response as the baseline (one extra greedy generation per prompt, not trained on)."""
     gamma: float = 1.0
     """GAE discount per token, in [0, 1] (gae only). 1: no discount within a response, whose score
     arrives at its last token (as in lm-human-preferences)."""
@@ -289,9 +290,12 @@ class PPOConfig:
     value held within this distance (reward units) of its rollout-time value."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (token mean, nats) subtracted from the actor's loss; 0: off."""
-    whiten_advantages: bool = True
+    whiten_advantages: bool | None = None
     """Scale advantages to mean 0 and variance 1 over the real tokens of the whole rollout (statistics
-    summed across ranks, so 1 and N ranks agree)."""
+    summed across ranks, so 1 and N ranks agree). Unset: as each estimator's source does, `gae` whitened
+    (Ziegler et al. 2019; TRL's PPO), `rloo`, `grpo` and `remax` not (the leave-one-out difference of
+    Ahmadian et al. 2024, DeepSeekMath's group-normalized score and ReMax's difference to the greedy
+    reward are the advantages themselves)."""
     kl_coef: float = 0.05
     """beta, the weight of the KL penalty to the reference: per token in the rewards (gae), per response
     in the score (rloo, grpo). The starting value when kl_target is set. 0.05 is TRL's PPO default."""
@@ -773,6 +777,11 @@ class BatchPlan:
     """Data-parallel ranks."""
     grad_accum: int
     """Micro-batches each rank accumulates per optimizer step."""
+
+
+def whitens_advantages(o: PPOConfig) -> bool:
+    """`ppo.whiten_advantages` as set, or the estimator's own choice when unset."""
+    return o.advantage == "gae" if o.whiten_advantages is None else o.whiten_advantages
 
 
 def plan_batches(global_batch: int, micro_batch: int, world_size: int, *, field_prefix: str = "sft") -> BatchPlan:

@@ -20,6 +20,7 @@ from lastmile import checkpoint, distributed, preemption, report, tracking
 from lastmile.config import Config, flatten, to_dict
 from lastmile.plan import check_run
 from lastmile.stages import ppo, reward_model, sft
+from lastmile.timing import trim_host_memory
 
 
 def run(cfg: Config) -> dict:
@@ -31,7 +32,9 @@ def run(cfg: Config) -> dict:
     try:
         for stage in (sft, reward_model, ppo):
             stage.run(cfg)
-            gc.collect()  # the finished stage's engines and models
+            distributed.release_engines()  # the finished stage's engines, models and optimizer states
+            gc.collect()
+            trim_host_memory()  # ... and the heap pages they leave, which the next stage would not reuse
             if parent:
                 _adopt(cfg, stage.__name__.rsplit(".", 1)[-1], parent)
         results = report.run(cfg)

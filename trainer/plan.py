@@ -224,3 +224,45 @@ def _evaluation(cfg: Config, plan: RunPlan) -> str:
 
 def _n(count: int, noun: str, plural: str | None = None) -> str:
     return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+def _host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def print_memory_plan(cfg: Config, args) -> int:
+    """`lastmile plan`: the run plan (refused as `validate` refuses it), then memory per rank and time per
+    step of each stage on the given hardware, the verdict and what would make it fit."""
+    from lastmile import memory_plan as mp
+    from lastmile.distributed import load_ds_config
+
+    if args.shape and args.shape.lower() not in mp.SHAPES:
+        raise ConfigError(f"--shape ({args.shape}) is not a known shape. Use one of: {', '.join(mp.SHAPES)}, or "
+                          "leave it out to plan model.path's own shape.")
+    # GPU nodes are planned, not this machine: their host memory is unknown unless given
+    host = int(args.host_mem * mp.GiB) if args.host_mem else None if args.gpus else _host_bytes()
+    if args.gpus:
+        hw = mp.Hardware.gpus(args.gpus, args.gpu_mem or 80.0, nodes=args.nodes,
+                              host_gib=None if host is None else host / mp.GiB, tflops=args.tflops or 989.0)
+    else:
+        ranks = world_size_from_env()
+        hw = mp.Hardware(ranks, args.nodes, None, host, args.tflops or mp.Hardware.peak_tflops)
+    run = check_run(cfg, args.for_command, hw.world)
+    if args.shape:
+        shape = mp.SHAPES[args.shape.lower()]
+    else:
+        from lastmile.models import model_config
+
+        shape = mp.ModelShape.from_hf_config(model_config(cfg.model), name=cfg.model.path)
+    ds = load_ds_config(cfg.deepspeed.config)
+    plans, v = mp.verdict(cfg, shape, hw, STAGES[args.for_command], ds)
+    print(run.describe())
+    print(mp.describe(plans, v, shape, hw, mp.ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world)))
+    return 0 if v.fits.startswith("fits") or v.budget is None else 3

@@ -22,11 +22,12 @@ _held: list = []  # the open lock file, kept for the life of the process
 KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
-# What a stage writes, in units of its model's weights: a training checkpoint (weights + AdamW's two
-# moments, fp32) plus the published model; PPO trains an actor and a critic; the pipeline holds every
-# stage's published model besides the running stage's checkpoint, and SFT's final checkpoint (4), which
-# a finished SFT keeps so that it can be continued (stages/common.py).
-DISK_FACTOR = {"sft": 4, "reward-model": 4, "ppo": 8, "pipeline": 14}
+# What a stage writes, in units of its model's weights, as measured at the end of `make demo` on
+# 2026-12-06 (SmolLM2-135M, 0.54 GB of fp32 weights): SFT's kept checkpoint 4.8x (weights, DeepSpeed's
+# fp32 copy and AdamW's two moments) beside its published model; the reward model's checkpoint while it
+# trains; PPO's checkpoint (actor and critic) 8.6x beside its model; the pipeline's whole output dir
+# 16.0x (8.6 GB), rounded up.
+DISK_FACTOR = {"sft": 6, "reward-model": 6, "ppo": 10, "pipeline": 17}
 
 
 class NoSpace(UserError):

@@ -44,6 +44,7 @@ class Rollout:
     values: torch.Tensor | None = None  # (B, R) critic, value of the state before each response token
     scores: torch.Tensor | None = None  # (B,) hybrid reward before KL shaping
     reward_parts: dict[str, torch.Tensor] | None = None  # name -> (B,) the terms of `scores`
+    greedy_scores: torch.Tensor | None = None  # (B,) ppo.advantage=remax: the reward of the row's prompt's greedy response
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -1,4 +1,5 @@
-"""Advantage estimators: GAE with a value model (PPO), and group baselines without one (RLOO, GRPO).
+"""Advantage estimators: GAE with a value model (PPO), group baselines without one (RLOO, GRPO), and
+the greedy response's reward as the baseline (ReMax).
 Pure torch; imports nothing of ours.
 
 Advantages and returns are targets, never differentiated through: every function here returns
@@ -102,3 +103,20 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, estimator: str, e
         mean = grouped.mean(dim=1, keepdim=True)
         advantages = (grouped - mean) / (grouped.std(dim=1, unbiased=True, keepdim=True) + eps)
     return advantages.reshape(-1)
+
+
+@torch.no_grad()
+def greedy_baseline_advantages(scores: torch.Tensor, greedy_scores: torch.Tensor) -> torch.Tensor:
+    """ReMax (Li et al. 2023, "ReMax: A Simple, Effective, and Efficient Reinforcement Learning Method
+    for Aligning Large Language Models", eq. 7; self-critical training, Rennie et al. 2017): the
+    baseline of a sampled response is the reward of the greedy response to the same prompt, so the
+    update moves the policy relative to the decoding that is evaluated.
+
+    scores (B,) of the sampled responses; greedy_scores (B,) the greedy response's reward of each
+    row's prompt (repeated for the samples of one prompt). Returns (B,) scores - greedy_scores,
+    float32 or wider: positive where a sample beat greedy decoding."""
+    if scores.shape != greedy_scores.shape or scores.ndim != 1:
+        raise ValueError(f"scores {tuple(scores.shape)} and greedy_scores {tuple(greedy_scores.shape)} must both be "
+                         "(B,): one greedy reward per sampled row. Repeat each prompt's greedy reward for its samples.")
+    dtype = torch.promote_types(torch.promote_types(scores.dtype, greedy_scores.dtype), torch.float32)
+    return scores.to(dtype) - greedy_scores.to(dtype)

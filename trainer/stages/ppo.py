@@ -28,10 +28,10 @@ import torch
 from tqdm.auto import tqdm
 
 from lastmile import checkpoint, distributed, preemption, rollout, seeding, tracking
-from lastmile.algorithms.advantages import compute_gae, group_advantages, masked_whiten
+from lastmile.algorithms.advantages import compute_gae, greedy_baseline_advantages, group_advantages, masked_whiten
 from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
 from lastmile.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
-from lastmile.config import Config, PPOPlan
+from lastmile.config import Config, PPOPlan, whitens_advantages
 from lastmile.data.sampling import micro_batch_indices
 from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
@@ -39,7 +39,7 @@ from lastmile.hybrid_engine import Sampling
 from lastmile.rollout import Rollout, RolloutModels
 from lastmile.stages import common, ppo_setup
 from lastmile.stages.ppo_eval import Evaluator
-from lastmile.timing import PhaseTimer, phase
+from lastmile.timing import PhaseTimer, phase, trim_host_memory
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def train(ctx: PPOContext, state: PPOState) -> None:
         bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
         if o.eval_every and state.iteration % o.eval_every == 0 and state.iteration < o.iterations:
             evaluate(ctx, state)
+            trim_host_memory()
             if state.alarms and o.stop_on_alarm:
                 log.warning("stopping at iteration %d on alarm: %s", state.iteration, state.alarms[-1])
                 break
@@ -148,6 +149,7 @@ def iterate(ctx: PPOContext, state: PPOState) -> dict[str, float] | None:
     advantages, returns, kl_stats = compute_advantages(ctx, batch)
     recorded = torch.zeros_like(batch.gen_logprobs) if batch.old_logprobs is None else None
     metrics = update(ctx, batch, advantages, returns, state.iteration, record=recorded, timer=timer)
+    trim_host_memory()  # the update's freed activations, before the next rollout allocates differently
     if recorded is not None:  # ppo.old_logprobs=update: the update's forward, for the parity check
         batch = dataclasses.replace(batch, old_logprobs=recorded)
     ctx.kl.update(kl_stats["kl/seq_mean"], ctx.plan.rollout)
@@ -175,13 +177,28 @@ def collect_rollout(ctx: PPOContext, iteration: int, timer: PhaseTimer | None = 
     sampling = Sampling(o.max_new_tokens, do_sample=True, temperature=o.temperature, top_p=o.top_p)
     batch = rollout.sample(ctx.models, [s.prompts[i] for i in mine], mine, sampling, batch_size=ctx.plan.rollout_per_rank,
                            timer=timer)
-    return rollout.complete(batch, ctx.models, s.examples, o.reward, temperature=o.temperature, timer=timer,
-                            old_logprobs=s.old_logprobs == "forward")
+    batch = rollout.complete(batch, ctx.models, s.examples, o.reward, temperature=o.temperature, timer=timer,
+                             old_logprobs=s.old_logprobs == "forward")
+    if o.advantage == "remax":
+        with phase(timer, "greedy_baseline"):
+            batch = dataclasses.replace(batch, greedy_scores=greedy_scores(ctx, [i for g in groups for i in g]))
+    return batch
+
+
+def greedy_scores(ctx: PPOContext, prompt_idx: list[int]) -> torch.Tensor:
+    """ReMax's baseline: each prompt's greedy response (the decoding that is evaluated), scored by the same
+    hybrid reward; (len(prompt_idx) * samples_per_prompt,), repeated per sample like the rollout's rows.
+    Generated as one batch on every rank (ZeRO-3 needs the same number of forwards everywhere)."""
+    o, s = ctx.cfg.ppo, ctx.setup
+    greedy = Sampling(o.max_new_tokens, do_sample=False)
+    g = rollout.sample(ctx.models, [s.prompts[i] for i in prompt_idx], prompt_idx, greedy, batch_size=len(prompt_idx))
+    return rollout.score(g, ctx.models, s.examples, o.reward).scores.repeat_interleave(o.samples_per_prompt)
 
 
 def _finite(batch: Rollout, state: PPOState, max_bad: int) -> bool:
     """Skip a rollout with non-finite rewards or log-probs (on every rank); stop when it persists."""
-    tensors = [batch.scores, batch.behaviour_logprobs, batch.ref_logprobs] + ([batch.values] if batch.values is not None else [])
+    tensors = [batch.scores, batch.behaviour_logprobs, batch.ref_logprobs] + [
+        t for t in (batch.values, batch.greedy_scores) if t is not None]
     bad = distributed.all_reduce_sum(0.0 if all(torch.isfinite(t).all() for t in tensors) else 1.0) > 0
     if not bad:
         state.bad_batches = 0
@@ -198,7 +215,8 @@ def _finite(batch: Rollout, state: PPOState, max_bad: int) -> bool:
 
 
 def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """KL-shaped rewards and GAE with the critic, or group baselines (rloo/grpo) with the KL in the score."""
+    """KL-shaped rewards and GAE with the critic, or a baseline without one (rloo/grpo: the prompt's other
+    samples; remax: its greedy response) with the KL in the score."""
     o = ctx.cfg.ppo
     mask = b.response_mask
     kl = kl_per_token(b.behaviour_logprobs, b.ref_logprobs, mask, estimator=o.kl_estimator)  # (B, R)
@@ -206,10 +224,13 @@ def compute_advantages(ctx: PPOContext, b: Rollout) -> tuple[torch.Tensor, torch
     if o.advantage == "gae":
         rewards = shape_rewards(b.scores, kl, mask, kl_coef=ctx.kl.value)
         advantages, returns = compute_gae(rewards, b.values, mask, gamma=o.gamma, lam=o.lam)
+    elif o.advantage == "remax":  # the greedy response's reward, without KL (it is not trained on)
+        seq = greedy_baseline_advantages(b.scores - ctx.kl.value * kl_seq, b.greedy_scores)
+        advantages, returns = seq[:, None] * mask, None
     else:
         seq = group_advantages(b.scores - ctx.kl.value * kl_seq, o.samples_per_prompt, estimator=o.advantage)
         advantages, returns = seq[:, None] * mask, None
-    if o.whiten_advantages:
+    if whitens_advantages(o):
         advantages = masked_whiten(advantages, mask, reduce_sum=distributed.all_reduce_sum)  # global batch stats
     n = distributed.all_reduce_sum(len(b))
     return advantages, returns, {"kl/seq_mean": distributed.all_reduce_sum(float(kl_seq.sum())) / n,
@@ -305,6 +326,8 @@ def rollout_metrics(ctx: PPOContext, b: Rollout) -> dict[str, float]:
     lengths = b.response_mask.sum(-1).float()
     out["rollout/response_tokens_mean"] = distributed.all_reduce_sum(float(lengths.sum())) / n
     out["rollout/eos_fraction"] = distributed.all_reduce_sum(float(b.ended.float().sum())) / n
+    if b.greedy_scores is not None:  # remax: the reward of the decoding that is evaluated, on this iteration's prompts
+        out["reward/greedy_score_mean"] = distributed.all_reduce_sum(float(b.greedy_scores.sum())) / n
     diff = (b.gen_logprobs - b.old_logprobs).abs()[b.response_mask]
     tokens = distributed.all_reduce_sum(float(diff.numel()))
     out["parity/mean_abs"] = distributed.all_reduce_sum(float(diff.sum())) / max(tokens, 1)
