@@ -294,7 +294,7 @@ def _train_stage(name: str, shape: ModelShape, params: int, t, lengths: Lengths,
                  act_bytes: int, sequences_per_item: int = 1) -> StagePlan:
     """SFT (one sequence per example) or the reward model (a pair per item)."""
     sp = StagePlan(name, step_name="optimizer step")
-    sp.resident = [Row(f"{r.what}", r.device, r.host) for r in model_states(params, trained=True, z=z, world=hw.world)]
+    sp.resident = model_states(params, trained=True, z=z, world=hw.world)
     tokens = t.micro_batch_size * sequences_per_item * lengths.sequence
     sp.phases["update"] = [gradients(params, z=z, world=hw.world),
                            Row("activations", activations(shape, tokens, seq=lengths.sequence, trained=True,
@@ -388,8 +388,10 @@ def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: in
     n_frozen = shape.params + (shape.scalar_head_params if rm else 0) + (shape.scalar_head_params if critic else 0)
     update_flops = o.epochs * 6 * (shape.params + (shape.scalar_head_params if critic else 0)) * R * T
     old_lp = 0 if o.old_logprobs == "update" else 2 * shape.params * R * T
-    decode = o.max_new_tokens * max(2 * shape.params * p.rollout_per_rank / (hw.peak_tflops * 1e12 * hw.mfu),
-                                    4 * shape.params / (hw.bandwidth_gbs * 1e9))
+    # remax also decodes one greedy response per prompt
+    batches = [p.rollout_per_rank] + ([p.prompts_per_rank] if o.advantage == "remax" else [])
+    decode = sum(o.max_new_tokens * max(2 * shape.params * b / (hw.peak_tflops * 1e12 * hw.mfu),
+                                        4 * shape.params / (hw.bandwidth_gbs * 1e9)) for b in batches)
     sp.seconds_per_step = decode + _flops_seconds(2 * shape.params * R * lengths.prompt + 2 * n_frozen * R * T
                                                   + old_lp + update_flops, hw)
     return sp
