@@ -28,8 +28,11 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 VENV=${LASTMILE_VENV:-.venv}
 [ -f "$VENV/bin/activate" ] && . "$VENV/bin/activate"
 
-# Rendezvous from Slurm: the first node hosts rank 0; the port is derived from the job id.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Rendezvous from Slurm: the first node hosts rank 0, at the address Slurm itself reaches it by
+# (NodeAddr; the node name where none is set); the port is derived from the job id.
+FIRST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show node "$FIRST" -o 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | cut -d= -f2)
+MASTER_ADDR=${MASTER_ADDR:-$FIRST}
 export MASTER_ADDR MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1
 echo "[lastmile] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST: $SLURM_NTASKS ranks, master $MASTER_ADDR:$MASTER_PORT, stages: $STAGES"

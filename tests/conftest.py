@@ -36,6 +36,27 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
 
 
 @contextlib.contextmanager
+def local_slurm(prefix: str, nodes: int = 1):
+    """A real Slurm from slurm/local/start.sh with its state under `prefix` and `nodes` slurmd on this host;
+    yields the environment for sbatch/scontrol. Skips the test where it cannot start (no root, no
+    packages, 300 s). Stopped by its PID files when done, also after a start that failed half-way."""
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm needs root (slurmd launches jobs as the submitting user)")
+    env = {**os.environ, "LASTMILE_SLURM_PREFIX": prefix, "LASTMILE_SLURM_NODES": str(nodes)}
+    try:
+        try:
+            proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True,
+                                  timeout=300, env=env)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"the local Slurm ({nodes} node(s)) did not start within 300 s")
+        if proc.returncode != 0:
+            pytest.skip(f"the local Slurm ({nodes} node(s)) could not start: {proc.stderr[-500:]}")
+        yield clean_env(SLURM_CONF=f"{prefix}/etc/slurm.conf", PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
+    finally:
+        subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, timeout=120, env=env)
+
+
+@contextlib.contextmanager
 def small_tmpfs(folder: Path, size: str = "6m"):
     """A tmpfs of `size` mounted on `folder` (created), unmounted when the block ends: a disk that fills
     up. Skips the test where mounting needs a root this process is not, or is refused."""

@@ -3,13 +3,12 @@ stages with 2 tasks, preempt a job mid-run and watch it resume, and a failing jo
 Marker `slurm`: run with `python -m pytest -m slurm`; skipped when the cluster cannot start."""
 
 import json
-import os
 import re
 import subprocess
 import time
 
 import pytest
-from conftest import ROOT, TINY, clean_env
+from conftest import ROOT, TINY, local_slurm
 
 pytestmark = pytest.mark.slurm
 PREFIX = "/tmp/lastmile-slurm"
@@ -17,21 +16,8 @@ PREFIX = "/tmp/lastmile-slurm"
 
 @pytest.fixture(scope="module")
 def slurm_env():
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm needs root (slurmd launches jobs as the submitting user)")
-    env = {**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX}
-    try:
-        try:
-            proc = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True,
-                                  timeout=300, env=env)
-        except subprocess.TimeoutExpired:
-            pytest.skip("the local Slurm did not start within 300 s")
-        if proc.returncode != 0:
-            pytest.skip(f"the local Slurm could not start: {proc.stderr[-500:]}")
-        yield clean_env(SLURM_CONF=f"{PREFIX}/etc/slurm.conf", PATH=os.environ["PATH"] + ":/usr/sbin:/sbin")
-    finally:
-        # stop what we started (also after a start that failed half-way), by the PID files start.sh wrote
-        subprocess.run(["bash", str(ROOT / "slurm/local/stop.sh")], capture_output=True, timeout=120, env=env)
+    with local_slurm(PREFIX) as env:
+        yield env
 
 
 def _sbatch(env, out, *args, stages=None):

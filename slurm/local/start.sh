@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Start a real single-node Slurm (munged + slurmctld + slurmd on localhost) for tests and local use.
+# Start a real Slurm (munged + slurmctld + slurmd on localhost) for tests and local use.
 # Installs Debian's slurm-wlm and munge when missing. State lives under $LASTMILE_SLURM_PREFIX.
+# LASTMILE_SLURM_NODES=2 starts two slurmd on this host, nodes n1 and n2 (own ports, spool, logs), so
+# that `sbatch --nodes=2` runs a real two-node job; the default is one node named after the host.
 # Idempotent: a second call only checks health. Stop it with slurm/local/stop.sh.
 # Container-friendly: proctrack/linuxproc, task/none (no cgroups); a short cred_expire so that a
 # requeued job restarts in ~15 s instead of ~2.5 min (../shared/slurm/README.md lists the traps).
 set -euo pipefail
 PREFIX=${LASTMILE_SLURM_PREFIX:-/tmp/lastmile-slurm}
 CPUS=${LASTMILE_SLURM_CPUS:-$(nproc)}
+NODES=${LASTMILE_SLURM_NODES:-1}
 export PATH="$PATH:/usr/sbin:/sbin"
 log() { echo "[slurm/local/start] $*" >&2; }
 
@@ -31,7 +34,16 @@ fi
 
 NODE=$(hostname -s 2>/dev/null || hostname); getent hosts "$NODE" >/dev/null 2>&1 || NODE=localhost
 MEM=$(( $(awk '/^MemTotal:/{print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
-EXTRA=""; [ "$CPUS" -gt "$(nproc)" ] && EXTRA="SlurmdParameters=config_overrides"
+EXTRA=""; [ "$CPUS" -gt "$(nproc)" ] || [ "$NODES" -gt 1 ] && EXTRA="SlurmdParameters=config_overrides"
+if [ "$NODES" -gt 1 ]; then  # n1..nN share this host: each slurmd its own port, PID file, spool and log (%n)
+  NAMES=$(seq -f "n%g" -s, 1 "$NODES"); PER_NODE="-%n"
+  NODELINES=$(for i in $(seq 1 "$NODES"); do
+    echo "NodeName=n$i NodeHostname=$NODE NodeAddr=127.0.0.1 Port=$((6830 + i)) CPUs=$CPUS RealMemory=$((MEM / NODES)) State=UNKNOWN"
+  done)
+else
+  NAMES=$NODE; PER_NODE=""
+  NODELINES="NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
+fi
 cat >"$PREFIX/etc/slurm.conf" <<CONF
 ClusterName=lastmile
 SlurmctldHost=localhost
@@ -41,11 +53,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket=$SOCK,cred_expire=10
 StateSaveLocation=$PREFIX/spool/ctld
-SlurmdSpoolDir=$PREFIX/spool/d
+SlurmdSpoolDir=$PREFIX/spool/d$PER_NODE
 SlurmctldPidFile=$PREFIX/run/slurmctld.pid
-SlurmdPidFile=$PREFIX/run/slurmd.pid
+SlurmdPidFile=$PREFIX/run/slurmd$PER_NODE.pid
 SlurmctldLogFile=$PREFIX/log/slurmctld.log
-SlurmdLogFile=$PREFIX/log/slurmd.log
+SlurmdLogFile=$PREFIX/log/slurmd$PER_NODE.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -59,18 +71,22 @@ KillWait=15
 InactiveLimit=0
 MailProg=/bin/true
 $EXTRA
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+$NODELINES
+PartitionName=debug Nodes=$NAMES Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$PREFIX/etc/slurm.conf"
 alive "$PREFIX/run/slurmctld.pid" || slurmctld -i -f "$SLURM_CONF"
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
-alive "$PREFIX/run/slurmd.pid" || slurmd -f "$SLURM_CONF" -N "$NODE"
-for _ in $(seq 150); do
-  state=$(sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1)
-  case "$state" in idle|mixed|allocated) break ;; down*|drain*) scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true ;; esac
-  sleep 0.2
+for n in ${NAMES//,/ }; do
+  pidfile="$PREFIX/run/slurmd${PER_NODE:+-$n}.pid"
+  [ -n "$PER_NODE" ] && mkdir -p "$PREFIX/spool/d-$n"
+  alive "$pidfile" || slurmd -f "$SLURM_CONF" -N "$n"
+  for _ in $(seq 150); do
+    state=$(sinfo -h -n "$n" -o %T 2>/dev/null | head -1)
+    case "$state" in idle|mixed|allocated) break ;; down*|drain*) scontrol update NodeName="$n" State=RESUME 2>/dev/null || true ;; esac
+    sleep 0.2
+  done
+  case "$state" in idle|mixed|allocated) ;; *) log "node $n not ready ($state); see $PREFIX/log"; exit 1 ;; esac
 done
-case "$state" in idle|mixed|allocated) ;; *) log "node not ready ($state); see $PREFIX/log"; exit 1 ;; esac
-log "up: node $NODE, $CPUS CPUs"
+log "up: node(s) $NAMES, $CPUS CPUs each"
 echo "export SLURM_CONF=$SLURM_CONF"
