@@ -54,7 +54,10 @@ def trim_host_memory() -> bool:
             _LIBC.malloc_trim  # noqa: B018  (musl and macOS have none)
         except (OSError, AttributeError):
             _LIBC = False
-    return bool(_LIBC) and bool(_LIBC.malloc_trim(0) or True)
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
 
 
 class _RSSSampler:
