@@ -448,35 +448,35 @@ def verdict(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: d
     return plans, Verdict("does not fit as configured" if advice else "does not fit", peak, budget, advice)
 
 
-def _alternatives(cfg, ds: dict):
-    """Settings a user can change, each alone and cumulatively, in the order they cost least speed."""
+def _with_zero3(ds: dict, *, offload: bool = False) -> dict:
+    """A copy of the DeepSpeed dict at ZeRO-3, with the optimizer and the weights offloaded to the host if asked."""
     import copy
 
-    def with_zero(stage, offload=False):
-        d = copy.deepcopy(ds)
-        zo = d.setdefault("zero_optimization", {})
-        zo["stage"] = stage
-        if offload:
-            zo["offload_optimizer"] = {"device": "cpu"}
-            zo["offload_param"] = {"device": "cpu"}
-        return d
+    d = copy.deepcopy(ds)
+    zo = d.setdefault("zero_optimization", {})
+    zo["stage"] = 3
+    if offload:
+        zo["offload_optimizer"] = {"device": "cpu"}
+        zo["offload_param"] = {"device": "cpu"}
+    return d
+
+
+def _alternatives(cfg, ds: dict):
+    """Settings a user can change, each alone and cumulatively, in the order they cost least speed."""
 
     small = replace(cfg, ppo=replace(cfg.ppo, micro_batch_size=1), sft=replace(cfg.sft, micro_batch_size=1),
                     rm=replace(cfg.rm, micro_batch_size=1))
     layer = replace(small, deepspeed=replace(cfg.deepspeed, generation_gather="layer"))
-    yield "deepspeed.config=zero3", False, (cfg, with_zero(3))
-    yield "deepspeed.config=zero3 and micro_batch_size=1", False, (small, with_zero(3))
-    yield "deepspeed.config=zero3, micro_batch_size=1, deepspeed.generation_gather=layer", False, (layer, with_zero(3))
+    yield "deepspeed.config=zero3", False, (cfg, _with_zero3(ds))
+    yield "deepspeed.config=zero3 and micro_batch_size=1", False, (small, _with_zero3(ds))
+    yield "deepspeed.config=zero3, micro_batch_size=1, deepspeed.generation_gather=layer", False, (layer, _with_zero3(ds))
     yield ("deepspeed.config=zero3_offload, micro_batch_size=1, deepspeed.generation_gather=layer", True,
-           (layer, with_zero(3, True)))
+           (layer, _with_zero3(ds, offload=True)))
 
 
 def _ranks_needed(cfg, shape, hw: Hardware, stages, ds, budget: int) -> str | None:
     """The fewest ranks per node (then nodes) at which ZeRO-3 with layer gathering fits, up to 1024 ranks."""
-    import copy
-
-    d = copy.deepcopy(ds)
-    d.setdefault("zero_optimization", {})["stage"] = 3
+    d = _with_zero3(ds)
     alt_cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, generation_gather="layer"))
     for world in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
         if world <= hw.world:
