@@ -104,6 +104,35 @@ def mlflow_server_on(store: str, log: Path, *extra: str):
             proc.wait()
 
 
+@contextlib.contextmanager
+def signals_kept():
+    """Stages run in this process install their stop-signal handlers; give pytest its own back."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def make_reward_model(lm_dir: Path, dest: Path) -> Path:
+    """A one-label classifier from a causal LM (a seeded random head) with neutral reward statistics:
+    enough of a reward model to drive PPO or best-of-n, without training one."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    rm.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    (dest / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
+    return dest
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from lastmile.config import ModelConfig

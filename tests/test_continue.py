@@ -9,12 +9,11 @@ and its imports per run: the test's budget is small."""
 import contextlib
 import io
 import json
-import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY
+from conftest import TINY, make_reward_model, signals_kept
 from lastmile.config import load_config
 from lastmile.errors import ConfigError
 from lastmile.stages import common, ppo, sft
@@ -39,17 +38,6 @@ def _same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], rtol=1e-4, atol=1e-6) for k in wa)
 
 
-@contextlib.contextmanager
-def _signals_kept():
-    """The stages install their stop-signal handlers; give pytest its own back."""
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        yield
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
 def _metric_steps(out, stage, key):
     import mlflow
 
@@ -62,21 +50,6 @@ def _metric_steps(out, stage, key):
     return run, sorted(steps)
 
 
-def _reward_model(lm_dir, dest):
-    """A one-label classifier from a causal LM (a seeded random head) with neutral reward statistics:
-    enough of a reward model to drive PPO, without training one."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_pretrained(lm_dir, num_labels=1)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    rm.config.pad_token_id = tokenizer.pad_token_id
-    rm.save_pretrained(dest)
-    tokenizer.save_pretrained(dest)
-    (dest / "reward_stats.json").write_text(json.dumps({"mean": 0.0, "std": 1.0}))
-    return dest
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """SFT 3 steps then continued to 6 (into the second epoch), and one 6-step run; PPO 1 iteration (from
@@ -84,10 +57,10 @@ def runs(tmp_path_factory):
     one 2-iteration run."""
     root = tmp_path_factory.mktemp("continue")
     out, ref, later = root / "continued", root / "single", root / "later"
-    with _signals_kept():
+    with signals_kept():
         _run(sft, out, *SFT, "sft.max_steps=3")
         model = out / "sft" / "model"
-        rm = _reward_model(model, root / "rm")
+        rm = make_reward_model(model, root / "rm")
         # a later stage made from the 3-step SFT model, as a pipeline's PPO would have been
         later_cfg = load_config(TINY, [f"output_dir={later}"])
         inputs = {"init": str(model), "reward_model": str(rm)}
@@ -146,12 +119,12 @@ def test_ppo_continued_ends_like_one_longer_run_in_one_mlflow_run(runs):
 def test_a_continued_sft_model_is_a_new_input_for_later_stages(runs):
     """The continued model's identity changed, so a stage made from the old one is refused by name."""
     assert common.model_identity(str(runs.out / "sft" / "model")) != runs.before
-    with _signals_kept(), pytest.raises(ConfigError, match="input init model changed"):
+    with signals_kept(), pytest.raises(ConfigError, match="input init model changed"):
         common.begin(runs.later_cfg, "ppo", "PPO", inputs=runs.inputs)
 
 
 def test_a_smaller_horizon_or_another_change_is_refused_by_name(runs):
-    with _signals_kept():
+    with signals_kept():
         with pytest.raises(ConfigError, match=r"sft\.max_steps \(6 -> 5\) gives 5 steps, but .* already made 6"):
             _run(sft, runs.out, *SFT, "sft.max_steps=5")
         with pytest.raises(ConfigError, match=r"sft\.lr \(0\.003 -> 0\.001\); sft\.max_steps \(6 -> 12\).*Only a "
@@ -202,7 +175,7 @@ def test_a_finished_stage_without_its_final_checkpoint_is_not_continued(tmp_path
     (stage / "model" / "config.json").write_text("{}")
     identity = common.stage_identity(cfg(4), "sft", {"base": cfg(4).model.path})
     (stage / "DONE.json").write_text(json.dumps({"identity": identity}))
-    with _signals_kept(), pytest.raises(ConfigError, match=r"sft\.max_steps \(4 -> 8\) would continue it, but its "
+    with signals_kept(), pytest.raises(ConfigError, match=r"sft\.max_steps \(4 -> 8\) would continue it, but its "
                                                            r"final checkpoint .* is gone"):
         common.begin(cfg(8), "sft", "SFT", inputs={"base": cfg(8).model.path})
     assert (stage / "DONE.json").is_file()

@@ -17,6 +17,7 @@ def _parser() -> argparse.ArgumentParser:
         ("evaluate", "generate and score summaries (ROUGE, la-ROUGE, semantic similarity, bootstrap)"),
         ("reward-model", "train a reward model on synthetic failure-mode negatives; per-mode evaluation"),
         ("ppo", "RL fine-tuning with PPO against the hybrid reward (reward model + reference metric)"),
+        ("best-of-n", "the RL baseline: fine-tune on the best of n samples per example by PPO's hybrid reward"),
         ("pipeline", "SFT -> reward model -> PPO -> evaluation and the MLE-vs-RL report, one MLflow parent run"),
         ("predict", "summarize unlabeled documents (JSONL/CSV/Parquet) into {id, prediction} JSONL; resumable"),
         ("compare", "compare evaluated systems: SOURCE... (evaluation folders, MLflow run ids, pipeline:<id>)"),
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             from lastmile.stages import ppo
 
             ppo.run(cfg)
+        elif args.command == "best-of-n":
+            from lastmile.stages import best_of_n
+
+            best_of_n.run(cfg)
         elif args.command == "predict":
             from lastmile.stages import predict
 

@@ -359,6 +359,38 @@ class PPOConfig:
 
 
 @dataclass
+class BestOfNConfig:
+    """Best-of-n rejection-sampling fine-tuning (RAFT, Dong et al. 2023; ReST, Gulcehre et al. 2023), the
+    baseline RL has to beat: `samples_per_example` summaries per training example from `init`, scored by
+    PPO's hybrid reward (`ppo.reward.*`); the best one of each becomes its target, and `init` is fine-tuned
+    on them with SFT's training settings (`sft.*`, with `epochs` and `lr` from here where set)."""
+
+    init: str | None = None
+    """The model that samples and is fine-tuned; default: <output_dir>/sft/model."""
+    samples_per_example: int = 4
+    """Summaries sampled per training example; the one with the highest hybrid reward is kept."""
+    temperature: float = 0.7
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0: off; top-k is off)."""
+    max_new_tokens: int = 96
+    """Longest sample in tokens; one that reaches it without EOS pays ppo.reward.no_eos_penalty."""
+    batch_size: int = 8
+    """Examples sampled together on each rank: their batch_size x samples_per_example summaries are
+    generated in one call, scored in one reward-model forward, then kept on disk as one chunk, so that a
+    killed run samples only the chunks it had not finished."""
+    epochs: int | None = None
+    """Passes of the fine-tune over the kept summaries; default: sft.epochs."""
+    lr: float | None = None
+    """Peak AdamW learning rate of the fine-tune; default: sft.lr."""
+
+    def fine_tuning(self, sft: SFTConfig) -> SFTConfig:
+        """SFT's training settings with this stage's epochs and lr where set."""
+        return dataclasses.replace(sft, epochs=sft.epochs if self.epochs is None else self.epochs,
+                                   lr=sft.lr if self.lr is None else self.lr)
+
+
+@dataclass
 class GenerationConfig:
     strategy: Literal["greedy", "beam", "sample"] = "greedy"
     """Decoding of `lastmile evaluate` and SFT's logged samples: `greedy`, `beam` (num_beams) or `sample`
@@ -476,6 +508,8 @@ class Config:
     """`lastmile reward-model` (`rm.*`)."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """`lastmile ppo` (`ppo.*`)."""
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    """`lastmile best-of-n` (`best_of_n.*`)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """The DeepSpeed JSON every trained model uses (`deepspeed.*`)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -626,6 +660,11 @@ def validate(cfg: Config) -> list[str]:
     if not any(isinstance(w, (int, float)) and w > 0 for w in r.mode_weights.values()):
         p.append("rm.mode_weights gives no mode a positive weight. Give at least one mode a weight above 0.")
     _validate_ppo(positive, p, cfg.ppo)
+    b = cfg.best_of_n
+    for name in ("samples_per_example", "temperature", "max_new_tokens", "batch_size", "epochs", "lr"):
+        positive(f"best_of_n.{name}", getattr(b, name))
+    if not 0 < b.top_p <= 1:
+        p.append(f"best_of_n.top_p ({b.top_p}) must be in (0, 1].")
     positive("prompt.max_document_tokens", cfg.prompt.max_document_tokens)
     positive("prompt.max_summary_tokens", cfg.prompt.max_summary_tokens)
     positive("data.max_train_examples", cfg.data.max_train_examples)

@@ -329,6 +329,17 @@ def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], d
             p = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
                          hw.world)
             out.append(_ppo_stage(cfg, shape, hw, z, p, act))
+        elif stage == "best-of-n":  # sampling with two frozen models, then SFT's training on the kept summaries
+            b = cfg.best_of_n
+            sp = StagePlan("best-of-n sampling", step_name="chunk")
+            for role, params in (("model", shape.params), ("reward model", shape.scalar_head_params)):
+                for r in model_states(params, trained=False, z=z, world=hw.world):
+                    sp.resident.append(Row(f"{role} {r.what}", r.device, r.host))
+            sp.phases["generation"] = _generation_rows(shape, b.batch_size * b.samples_per_example,
+                                                       _lengths(cfg, b.max_new_tokens), z, hw, act, keep_logits=True)
+            out.append(sp)
+            out.append(_train_stage("best-of-n fine-tune", shape, shape.params, b.fine_tuning(cfg.sft),
+                                    _lengths(cfg, cfg.prompt.max_summary_tokens), z, hw, act))
         elif stage in ("evaluate", "report"):
             g = cfg.eval.generation
             lengths = _lengths(cfg, g.max_new_tokens)

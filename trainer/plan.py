@@ -26,11 +26,12 @@ from lastmile.errors import ConfigError, UserError
 
 # The stages each command runs, in order; `report` is the pipeline's evaluation of the MLE and RL models.
 STAGES = {"pipeline": ("sft", "reward-model", "ppo", "report"), "sft": ("sft",), "reward-model": ("reward-model",),
-          "ppo": ("ppo",), "evaluate": ("evaluate",)}
+          "ppo": ("ppo",), "best-of-n": ("best-of-n",), "evaluate": ("evaluate",)}
 # The data.* splits each stage reads. The reward model also scores SFT's evaluation outputs on
 # data.eval_split when output_dir has them; that optional read is left to the stage.
 SPLITS = {"sft": ("train_split", "dev_split"), "reward-model": ("train_split", "dev_split"),
-          "ppo": ("train_split", "dev_split"), "evaluate": ("eval_split",), "report": ("eval_split",)}
+          "ppo": ("train_split", "dev_split"), "best-of-n": ("train_split", "dev_split"), "evaluate": ("eval_split",),
+          "report": ("eval_split",)}
 
 
 @dataclass
@@ -78,8 +79,8 @@ def make_plan(cfg: Config, command: str, world_size: int) -> RunPlan:
     stages = STAGES.get(command, ())
     for name in dict.fromkeys(f for stage in stages for f in SPLITS[stage]):
         plan.add(records.split_problem(cfg.data, name))
-    describe = {"sft": _sft, "reward-model": _reward_model, "ppo": _ppo, "evaluate": _evaluation,
-                "report": _evaluation}
+    describe = {"sft": _sft, "reward-model": _reward_model, "ppo": _ppo, "best-of-n": _best_of_n,
+                "evaluate": _evaluation, "report": _evaluation}
     for stage in stages:
         plan.stages[stage] = describe[stage](cfg, plan)
     _check_model_inputs(cfg, stages, plan)
@@ -93,6 +94,8 @@ def _model_inputs(cfg: Config) -> dict[str, tuple[tuple[str, str | None, str], .
     return {"reward-model": (("rm.init", cfg.rm.init, ANY_LM),
                              ("rm.policy_negatives_model", cfg.rm.policy_negatives_model, CAUSAL_LM)),
             "ppo": (("ppo.init", cfg.ppo.init, CAUSAL_LM), ("ppo.reward.model", cfg.ppo.reward.model, REWARD_MODEL)),
+            "best-of-n": (("best_of_n.init", cfg.best_of_n.init, CAUSAL_LM),
+                          ("ppo.reward.model", cfg.ppo.reward.model, REWARD_MODEL)),
             "evaluate": (("eval.model", cfg.eval.model, CAUSAL_LM), ("eval.baseline_model", cfg.eval.baseline_model,
                                                                       CAUSAL_LM))}
 
@@ -215,6 +218,13 @@ def _ppo(cfg: Config, plan: RunPlan) -> str:
             f"{p.train.micro_batch} per micro-batch x {_n(p.train.world_size, 'rank')} x {p.train.grad_accum} "
             f"accumulation; {_n(p.minibatches, 'minibatch', 'minibatches')} x {_n(o.epochs, 'epoch')} = "
             f"{p.steps_per_iteration} optimizer steps per iteration, {steps} in {o.iterations} iterations")
+
+
+def _best_of_n(cfg: Config, plan: RunPlan) -> str:
+    b = cfg.best_of_n
+    fine_tune = _trained(cfg, plan, "sft", b.fine_tuning(cfg.sft), "examples", 1)  # one kept summary per example
+    return (f"{_n(b.samples_per_example, 'sample')} per training example, {b.batch_size} examples per generate call "
+            f"per rank; the fine-tune on the best ones: {fine_tune}")
 
 
 def _evaluation(cfg: Config, plan: RunPlan) -> str:

@@ -88,8 +88,8 @@ class RolloutModels:
     """Everything a rollout touches; built once by the PPO stage."""
 
     actor: HybridEngine
-    actor_engine: DeepSpeedEngine  # over TokenLogprobModel(actor lm)
-    ref: DeepSpeedEngine | TokenLogprobModel  # frozen: inference engine or the module itself
+    actor_engine: DeepSpeedEngine | None  # over TokenLogprobModel(actor lm); None where nothing trains (best-of-n)
+    ref: DeepSpeedEngine | TokenLogprobModel | None  # frozen: inference engine or the module itself; None: no KL
     rm: DeepSpeedEngine | ScalarRewardModel  # frozen
     critic: DeepSpeedEngine | None  # over ValueModel; None for critic-free estimators
     tokenizer: PreTrainedTokenizerBase

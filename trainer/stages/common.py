@@ -11,6 +11,7 @@ model (`lastmile_identity.json`), so the next stage's identity follows from it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "lastmile_identity.json"
 SHARED = ("seed", "precision", "model", "data", "prompt")
-SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",)}
+# Best-of-n trains with SFT's settings and scores with PPO's reward: both are part of what it learns from.
+SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",), "best_of_n": ("best_of_n", "sft", "ppo.reward")}
 # What a stage is evaluated on or how often it saves: not what it learns from.
 IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound"} | {
     f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("save_every", "keep_checkpoints", "log_every", "num_samples")}
@@ -161,8 +163,8 @@ def _refit_schedule(engine) -> None:
 
 def stage_identity(cfg: Config, stage: str, inputs: dict[str, str | None]) -> dict[str, Any]:
     tree = to_dict(cfg)
-    settings = {k: v for k, v in flatten({s: tree[s] for s in SHARED + SECTIONS.get(stage, ())}).items()
-                if k not in IGNORED}
+    sections = {s: functools.reduce(dict.__getitem__, s.split("."), tree) for s in SHARED + SECTIONS.get(stage, ())}
+    settings = {k: v for k, v in flatten(sections).items() if k not in IGNORED}
     inputs_id = {name: model_identity(path) for name, path in sorted(inputs.items()) if path}
     body = json.dumps({"stage": stage, "settings": settings, "inputs": inputs_id}, sort_keys=True, default=str)
     return {"stage": stage, "hash": hashlib.sha256(body.encode()).hexdigest()[:16], "settings": settings,

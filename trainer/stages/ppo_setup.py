@@ -75,11 +75,16 @@ def input_paths(cfg: Config) -> tuple[str, str]:
                               "model.random_init is true. Run `lastmile sft` with the same output_dir first, or set "
                               "ppo.init to a model path.")
         init = cfg.model.path
-    rm = cfg.ppo.reward.model or str(out / "reward_model" / "model")
+    return init, reward_model_path(cfg)
+
+
+def reward_model_path(cfg: Config) -> str:
+    """ppo.reward.model, else the reward model in output_dir; UserError when it holds none."""
+    rm = cfg.ppo.reward.model or str(Path(cfg.output_dir) / "reward_model" / "model")
     if not (Path(rm) / "config.json").is_file():
         raise UserError(f"ppo.reward.model ({rm}) holds no reward model. Run `lastmile reward-model` with the same "
                         "output_dir first, or point ppo.reward.model at a reward model folder.")
-    return init, rm
+    return rm
 
 
 def check_inputs(cfg: Config, init: str, rm_path: str) -> None:

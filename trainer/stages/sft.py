@@ -7,6 +7,7 @@ Writes to <output_dir>/sft/: model/ (Hugging Face format), checkpoints/step-N/ (
 config.yaml, metrics.json, loss_curve.png, run.json (the MLflow run id for later stages).
 A rerun with the same output_dir resumes from the newest complete checkpoint, in the same MLflow run;
 a larger sft.max_steps / sft.epochs continues a finished run from its kept final checkpoint (common.py).
+The training itself (`fine_tune`) also serves best-of-n, on its chosen samples (stages/best_of_n.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from lastmile_kernels.logprob import resolve_impl
 from lastmile import checkpoint, distributed, tracking
 from lastmile.algorithms.losses import token_mean_loss
-from lastmile.config import BatchPlan, Config, plan_batches
+from lastmile.config import BatchPlan, Config, SFTConfig, plan_batches
 from lastmile.data import sampling
 from lastmile.data.collate import SFTBatch, collate_packed, collate_sft
 from lastmile.data.prompts import PromptBuilder, TokenizedExample
@@ -42,53 +43,64 @@ log = logging.getLogger(__name__)
 def run(cfg: Config) -> Path:
     check_base_model(cfg.model)  # before anything is written: a wrong model or shape is one message
     start = common.begin(cfg, "sft", "SFT", inputs={"base": cfg.model.path})
-    dist, stage_dir = start.dist, start.stage_dir
     if start.done:
-        return stage_dir / "model"
+        return start.stage_dir / "model"
     tokenizer = load_tokenizer(cfg.model)
-    train, val = _load_data(cfg, tokenizer, dist)
-    plan = plan_batches(cfg.sft.batch_size, cfg.sft.micro_batch_size, dist.world_size)
-    total_steps = sampling.total_steps(cfg.sft, len(train), plan, field_prefix="sft", unit="examples")
-    ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.sft.optim(), hidden_size=hidden_size_of(cfg.model))
-    lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, ds=ds)
+    builder = PromptBuilder(tokenizer, cfg.prompt)
+    train, report = builder.tokenize(load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples))
+    if start.dist.is_main:
+        log.info("train data: %s", report.describe())
+    return fine_tune(cfg, start, cfg.sft, tokenizer, train, dev_examples(cfg, builder), label="SFT")
+
+
+def fine_tune(cfg: Config, start: common.StageStart, settings: SFTConfig, tokenizer, train: list[TokenizedExample],
+              val: list[TokenizedExample], *, label: str, init: str | None = None, upstream_run_id: str | None = None,
+              metrics: dict[str, float] | None = None) -> Path:
+    """MLE on `train` from `init` (None: model.*) with `settings`, validated on `val`, in `start`'s stage
+    folder and MLflow run: resumed from its newest checkpoint, published to <stage dir>/model, marked done.
+    SFT trains on the references; best-of-n on its chosen samples, logging its sampling `metrics` at step 0."""
+    dist, stage_dir, stage = start.dist, start.stage_dir, start.stage_dir.name  # a stage's folder bears its name
+    plan = plan_batches(settings.batch_size, settings.micro_batch_size, dist.world_size)
+    total_steps = sampling.total_steps(settings, len(train), plan, field_prefix="sft", unit="examples")
+    ds = distributed.ds_config_for(cfg.deepspeed.config, plan, settings.optim(),
+                                   hidden_size=hidden_size_of(cfg.model, init))
+    lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=init, ds=ds)
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,
-                 attn.implementation, attn.reason, cfg.sft.logprob_impl, count_parameters(lm))
-    engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl=cfg.sft.logprob_impl), ds, cfg.sft.optim(),
+                 attn.implementation, attn.reason, settings.logprob_impl, count_parameters(lm))
+    engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl=settings.logprob_impl), ds, settings.optim(),
                                       total_steps=total_steps)
     state = SFTState.resumed(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main))
     if start.horizon:  # sft.epochs / sft.max_steps changed: go on from the checkpoint to the new horizon
-        common.continue_stage(start, "SFT", steps_done=state.step, total=total_steps, unit="steps",
+        common.continue_stage(start, label, steps_done=state.step, total=total_steps, unit="steps",
                               engines=(engine,))
-    tracker = tracking.start(cfg, stage="sft", is_main=dist.is_main, resume_run_id=state.run_id,
-                             record=stage_dir / "mlflow_run.json")
+    tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, resume_run_id=state.run_id,
+                             record=stage_dir / "mlflow_run.json", upstream_run_id=upstream_run_id)
     state.run_id = tracker.run_id if dist.is_main else None
     common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
         "attention": attn.implementation, "world_size": dist.world_size,
-        "logprob_impl": resolve_impl(cfg.sft.logprob_impl, dist.device), "train_examples": len(train),
-        "total_steps": total_steps, "grad_accum": plan.grad_accum})
-    ctx = TrainContext(cfg, dist, cfg.sft, engine, ds, lm, "lm.", tokenizer, plan, total_steps, tracker, stage_dir, "sft")
+        "logprob_impl": resolve_impl(settings.logprob_impl, dist.device), "train_examples": len(train),
+        "total_steps": total_steps, "grad_accum": plan.grad_accum, **({"init": init} if init else {})})
+    ctx = TrainContext(cfg, dist, settings, engine, ds, lm, "lm.", tokenizer, plan, total_steps, tracker, stage_dir,
+                       stage)
     with tracking.closing(tracker):
-        if state.step == 0 and cfg.sft.eval_every:  # the untuned model's validation loss: the curve's start
+        if state.step == 0 and dist.is_main and metrics:
+            tracker.log_metrics(metrics, step=0)
+        if state.step == 0 and settings.eval_every:  # the untuned model's validation loss: the curve's start
             _validate(ctx, val, state)
         train_loop(ctx, state, lambda step: _step(ctx, train, step),
-                   on_step=lambda st, metrics: _after_step(ctx, val, st, metrics), log_every=cfg.sft.log_every,
+                   on_step=lambda st, m: _after_step(ctx, val, st, m), log_every=settings.log_every,
                    show=("sft/loss",))
-        _finish(ctx, val, state)
+        _finish(ctx, val, state, label)
         if dist.is_main:
-            common.mark_done(cfg, stage_dir, "sft", state.run_id, start.identity)
+            common.mark_done(cfg, stage_dir, stage, state.run_id, start.identity)
     return stage_dir / "model"
 
 
-def _load_data(cfg: Config, tokenizer, dist: DistInfo) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    builder = PromptBuilder(tokenizer, cfg.prompt)
-    train_ex = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
+def dev_examples(cfg: Config, builder: PromptBuilder) -> list[TokenizedExample]:
+    """The validation examples of data.dev_split: as many as the validation loss and the logged samples use."""
     val_ex = load_split(cfg.data, cfg.data.dev_split, cfg.data.max_eval_examples)
-    train, report = builder.tokenize(train_ex)
-    val, _ = builder.tokenize(val_ex[: max(cfg.sft.eval_examples, cfg.sft.num_samples)])
-    if dist.is_main:
-        log.info("train data: %s", report.describe())
-    return train, val
+    return builder.tokenize(val_ex[: max(cfg.sft.eval_examples, cfg.sft.num_samples)])[0]
 
 
 def step_micro_batches(train: list[TokenizedExample], step: int, plan: BatchPlan, rank: int, seed: int,
@@ -139,7 +151,7 @@ def _step(ctx: TrainContext, train: list[TokenizedExample], step: int) -> dict[s
 
 def _after_step(ctx: TrainContext, val: list[TokenizedExample], state: SFTState, metrics: dict[str, float]) -> None:
     state.loss_history.append((state.step, metrics["sft/loss"]))
-    every = ctx.cfg.sft.eval_every
+    every = ctx.train.eval_every
     if every and state.step % every == 0 and state.step < ctx.total_steps:
         _validate(ctx, val, state)
 
@@ -165,10 +177,10 @@ def validation_loss(engine, val: list[TokenizedExample], micro_batch: int, preci
 
 
 def _validate(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -> None:
-    cfg = ctx.cfg
-    if not val or not cfg.sft.eval_examples:
+    s = ctx.train
+    if not val or not s.eval_examples:
         return
-    loss = validation_loss(ctx.engine, val[: cfg.sft.eval_examples], cfg.sft.micro_batch_size, cfg.precision, ctx.dist,
+    loss = validation_loss(ctx.engine, val[: s.eval_examples], s.micro_batch_size, ctx.cfg.precision, ctx.dist,
                            ctx.tokenizer.pad_token_id)
     state.val_history.append((state.step, loss))
     samples = _sample_generations(ctx, val)
@@ -182,7 +194,7 @@ def _validate(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -
 def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
     """A few greedy summaries of validation documents, through the hybrid engine's generation mode
     (under ZeRO-3: gathered once, not per token)."""
-    n = min(ctx.cfg.sft.num_samples, len(val))
+    n = min(ctx.train.num_samples, len(val))
     if n == 0:
         return ""
     hybrid = HybridEngine(ctx.engine, ctx.model, ctx.ds, ctx.dist.device, world_size=ctx.dist.world_size)
@@ -193,7 +205,7 @@ def _sample_generations(ctx: TrainContext, val: list[TokenizedExample]) -> str:
     return "\n\n".join(f"### {ex.id}\n{t}" for ex, t in zip(val[:n], texts))
 
 
-def _finish(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -> None:
+def _finish(ctx: TrainContext, val: list[TokenizedExample], state: SFTState, label: str) -> None:
     validations = len(state.val_history)
     if not validations or state.val_history[-1][0] != state.step:  # a finish resumed after a kill has it
         _validate(ctx, val, state)
@@ -207,8 +219,8 @@ def _finish(ctx: TrainContext, val: list[TokenizedExample], state: SFTState) -> 
     summary = {"step": state.step, "final_loss": losses[-1][1] if losses else None,
                "final_val_loss": vals[-1][1] if vals else None, "loss_history": losses, "val_history": vals}
     checkpoint.write_json_atomic(stage_dir / "metrics.json", summary)
-    plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": losses, "val loss": vals}, title="SFT",
+    plot = plot_curves(stage_dir / "loss_curve.png", {"train loss": losses, "val loss": vals}, title=label,
                        ylabel="NLL per target token")
     for path in (stage_dir / "metrics.json", plot):
         ctx.tracker.log_artifact(path)
-    print(f"SFT done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)
+    print(f"{label} done: {state.step} steps, model at {stage_dir / 'model'}", flush=True)
