@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lastmile import distributed, faults
+from lastmile import distributed, faults, lora
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,11 @@ def remove_partials(root: Path) -> None:
 
 
 def save_hf_model(lm, tokenizer, state_dict: dict[str, torch.Tensor], dest: Path, *, prefix: str = "lm.") -> None:
-    """Write `lm` (config + weights from `state_dict`, keys under `prefix`) and the tokenizer to dest."""
+    """Write `lm` (config + weights from `state_dict`, keys under `prefix`) and the tokenizer to dest.
+    LoRA adapters in `lm` are merged into their base weights: the folder holds a plain model."""
     sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if lora.has_adapters(lm):
+        sd = lora.merged_state_dict(sd, lora.scaling(lm))
     dest.mkdir(parents=True, exist_ok=True)
     lm.save_pretrained(dest, state_dict=sd)
     tokenizer.save_pretrained(dest)
@@ -145,7 +148,8 @@ def save_checkpoint(engine, ds_config: dict, lm, tokenizer, state: dict[str, Any
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         distributed.barrier()
-        engine.save_checkpoint(str(partial), tag="engine", save_latest=False)
+        engine.save_checkpoint(str(partial), tag="engine", save_latest=False,
+                               exclude_frozen_parameters=_has_frozen(engine))  # a LoRA actor: its adapters only
         for tag, extra in (extra_engines or {}).items():
             extra.save_checkpoint(str(partial), tag=tag, save_latest=False)
         sd = distributed.consolidated_state_dict(engine, ds_config)
@@ -191,6 +195,12 @@ def _full_disk_as_oserror(root: Path, partial: Path):
         raise
 
 
+def _has_frozen(engine) -> bool:
+    """Some of the engine's parameters do not train (LoRA's frozen base): checkpoints leave them out,
+    since the stage rebuilds them from its inputs."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 def _prune(root: Path, keep: int) -> None:
     steps = sorted((int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)))
     for _, p in steps[:-keep]:
@@ -200,7 +210,8 @@ def _prune(root: Path, keep: int) -> None:
 def load_checkpoint(engine, folder: Path, extra_engines: dict[str, Any] | None = None) -> dict[str, Any]:
     """Restore engines (weights, optimizer, scheduler) and return the trainer state."""
     for tag, eng in {"engine": engine, **(extra_engines or {})}.items():
-        eng.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        eng.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True,
+                            load_module_strict=not _has_frozen(eng))  # frozen weights were left out, as built
     return json.loads((folder / STATE_FILE).read_text())
 
 

@@ -229,6 +229,21 @@ class RewardConfig:
 
 
 @dataclass
+class LoRASettings:
+    """LoRA adapters on the PPO actor (Hu et al. 2021; peft's layers, lastmile.lora): only the adapters
+    train, the reference is the actor with its adapters off (no second model), checkpoints leave the
+    frozen base out, and the published `ppo/model` has the adapters merged (a plain model)."""
+
+    r: int = 0
+    """Adapter rank; 0: off (the whole actor trains, and the reference is a separate frozen copy)."""
+    alpha: float = 16.0
+    """LoRA's alpha: the adapter's update is scaled by alpha / r."""
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the linear layers that get adapters (Llama-style names: attention and MLP projections)."""
+
+
+@dataclass
 class PPOConfig:
     """PPO on the actor (from the SFT model) against the hybrid reward, with a KL penalty to the
     frozen reference. Batch vocabulary (all global, across ranks): an iteration samples
@@ -328,6 +343,8 @@ class PPOConfig:
     (SmolLM2-135M on CPU: max 0.13-0.18, mean 0.03 nats per token)."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """The hybrid reward's terms and weights (`ppo.reward.*`)."""
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    """LoRA adapters on the actor instead of training all of it (`ppo.lora.*`; off by default)."""
     eval_every: int = 5
     """In-loop evaluation on validation prompts every N iterations (0: only at the end)."""
     eval_examples: int = 16
@@ -719,6 +736,12 @@ def _validate_ppo(positive, p: list[str], o: PPOConfig) -> None:
     for name in ("rm_weight", "metric_weight", "length_target_ratio", "length_penalty", "no_eos_penalty", "clip"):
         positive(f"ppo.reward.{name}", getattr(o.reward, name), allow_zero=name != "clip")
     positive("ppo.kl_target", o.kl_target)
+    positive("ppo.lora.r", o.lora.r, allow_zero=True)
+    if o.lora.r:
+        positive("ppo.lora.alpha", o.lora.alpha)
+        if not o.lora.target_modules:
+            p.append("ppo.lora.target_modules is empty while ppo.lora.r is set. Name the linear layers that get "
+                     "adapters, e.g. [q_proj, v_proj].")
     for name in ("gamma", "lam"):
         if getattr(o, name) > 1:
             p.append(f"ppo.{name} ({getattr(o, name)}) must be at most 1. It is a discount factor.")

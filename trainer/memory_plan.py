@@ -76,6 +76,13 @@ class ModelShape:
         """A reward model or critic: the backbone (no output projection) and a one-output head."""
         return self.embedding_params + self.layers * self.layer_params + self.hidden + self.hidden
 
+    def lora_params(self, r: int, targets: list[str]) -> int:
+        """LoRA adapters of rank r on the named projections of every layer: r x (in + out) each."""
+        H, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        sizes = {"q_proj": H + q, "k_proj": H + kv, "v_proj": H + kv, "o_proj": q + H, "gate_proj": H + I,
+                 "up_proj": H + I, "down_proj": I + H}
+        return self.layers * r * sum(sizes.get(t, 0) for t in targets)
+
     @property
     def largest_module_params(self) -> int:
         """DeepSpeed's `largest_layer_params`: the largest single module's own parameters (the embedding
@@ -376,7 +383,11 @@ def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: in
     critic = o.advantage == "gae"
     rm = o.reward.rm_weight > 0
     sp = StagePlan("ppo", step_name="iteration")
-    roles = [("actor", shape.params, True), ("reference", shape.params, False)]
+    if o.lora.r:  # a frozen actor trained through adapters, which is its own reference with them off
+        roles = [("actor", shape.params, False), ("actor adapters", shape.lora_params(o.lora.r, o.lora.target_modules),
+                                                   True)]
+    else:
+        roles = [("actor", shape.params, True), ("reference", shape.params, False)]
     roles += [("critic", shape.scalar_head_params, True)] if critic else []
     roles += [("reward model", shape.scalar_head_params, False)] if rm else []
     for role, params, trained in roles:
@@ -397,7 +408,8 @@ def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: in
     # frozen forwards, the update (forward and backward; a separate old-log-prob forward unless skipped)
     R, T = p.rollout, lengths.sequence
     n_frozen = shape.params + (shape.scalar_head_params if rm else 0) + (shape.scalar_head_params if critic else 0)
-    update_flops = o.epochs * 6 * (shape.params + (shape.scalar_head_params if critic else 0)) * R * T
+    actor = (4 if o.lora.r else 6) * shape.params  # a frozen weight needs no weight gradient (LoRA)
+    update_flops = o.epochs * (actor + 6 * (shape.scalar_head_params if critic else 0)) * R * T
     old_lp = 0 if o.old_logprobs == "update" else 2 * shape.params * R * T
     # remax also decodes one greedy response per prompt
     batches = [p.rollout_per_rank] + ([p.prompts_per_rank] if o.advantage == "remax" else [])

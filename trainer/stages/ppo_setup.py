@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lastmile_kernels.logprob import resolve_impl
-from lastmile import checkpoint, distributed
+from lastmile import checkpoint, distributed, lora
 from lastmile.config import Config, PPOConfig, PPOPlan
 from lastmile.data.prompts import PromptBuilder, TokenizedExample
 from lastmile.data.records import Example, load_split
@@ -124,10 +124,16 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden)
     actor_lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init,
                                     ds=ds_actor)
+    if o.lora.r:
+        actor_lm = lora.add_adapters(actor_lm, o.lora)
     actor_engine = distributed.build_engine(TokenLogprobModel(actor_lm, logprob_impl=o.logprob_impl), ds_actor,
                                             o.actor_optim(), total_steps=total_steps)
-    ref_lm, _ = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init, ds=ds_actor)
-    ref = distributed.inference_engine(TokenLogprobModel(ref_lm, logprob_impl=o.logprob_impl), ds_actor, dist.device)
+    if o.lora.r:  # the reference is the actor itself with its adapters off
+        ref = lora.AdaptersOff(actor_engine, actor_lm)
+    else:
+        ref_lm, _ = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init, ds=ds_actor)
+        ref = distributed.inference_engine(TokenLogprobModel(ref_lm, logprob_impl=o.logprob_impl), ds_actor,
+                                           dist.device)
     rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, seed=cfg.seed,
                                        ds=ds_actor)
     rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds_actor, dist.device)
@@ -145,7 +151,9 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
                            rm_stats=stats, device=dist.device, precision=cfg.precision,
                            micro_batch=o.micro_batch_size)
     old_logprobs = resolve_old_logprobs(o, plan, bf16=distributed.use_bf16(cfg.precision, dist.device))
+    trained = sum(getattr(p, "ds_numel", p.numel()) for p in actor_lm.parameters() if p.requires_grad)
     runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
+               "trained_parameters": trained, "reference": "actor with adapters off" if o.lora.r else "frozen copy",
                "old_logprobs": old_logprobs,
                "logprob_impl": resolve_impl(o.logprob_impl, dist.device), "init": init, "reward_model": rm_path,
                "rollout": plan.rollout, "grad_accum": plan.train.grad_accum, "optimizer_steps": total_steps}
