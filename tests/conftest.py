@@ -115,6 +115,14 @@ def signals_kept():
             signal.signal(s, h)
 
 
+def tiny_inputs(root: Path, lm, tokenizer) -> tuple[Path, Path]:
+    """(init model folder, reward model folder) under root: a causal LM and a random scorer of its tokens."""
+    init = root / "init"
+    lm.save_pretrained(init)
+    tokenizer.save_pretrained(init)
+    return init, make_reward_model(init, root / "rm")
+
+
 def make_reward_model(lm_dir: Path, dest: Path) -> Path:
     """A one-label classifier from a causal LM (a seeded random head) with neutral reward statistics:
     enough of a reward model to drive PPO or best-of-n, without training one."""

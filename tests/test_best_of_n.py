@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, make_reward_model, signals_kept
+from conftest import TINY, signals_kept, tiny_inputs
 from lastmile import rollout
 from lastmile.config import load_config
 from lastmile.data.records import load_split
@@ -53,10 +53,7 @@ def _run(cfg, *, stop_at: int | None = None) -> SimpleNamespace:
 def stage(tmp_path_factory, tiny_lm, tokenizer):
     """Sampling stopped at its third chunk, then the same command again (the rest, and the fine-tune)."""
     root = tmp_path_factory.mktemp("best_of_n")
-    init = root / "init"
-    tiny_lm.save_pretrained(init)
-    tokenizer.save_pretrained(init)
-    rm = make_reward_model(init, root / "rm")
+    init, rm = tiny_inputs(root, tiny_lm, tokenizer)
     cfg = load_config(TINY, [f"output_dir={root / 'out'}", f"best_of_n.init={init}", f"ppo.reward.model={rm}",
                              *SETTINGS])
     stage_dir = root / "out" / "best_of_n"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, make_reward_model, run_cli
+from conftest import TINY, run_cli, tiny_inputs
 from lastmile import lora
 from lastmile.config import LoRASettings
 
@@ -63,11 +63,7 @@ def test_lora_names_no_layer_is_one_message(tiny_lm):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, tiny_lm, tokenizer):
-    root = tmp_path_factory.mktemp("lora")
-    init = root / "init"
-    tiny_lm.save_pretrained(init)
-    tokenizer.save_pretrained(init)
-    return init, make_reward_model(init, root / "rm")
+    return tiny_inputs(tmp_path_factory.mktemp("lora"), tiny_lm, tokenizer)
 
 
 def _ppo(out, inputs, *extra):

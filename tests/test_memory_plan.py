@@ -170,10 +170,11 @@ def test_plan_command_exits_3_when_nothing_fits_and_refuses_an_unknown_shape(cap
 
 def test_the_readme_table_is_what_the_plan_says():
     """README's "What fits where" rows: the verdict and peak `lastmile plan` gives for each, on make demo's
-    config with 64 prompts per iteration and micro-batches of 2."""
+    config with GAE (a critic), 64 prompts per iteration of one sample each and micro-batches of 2."""
     readme = (ROOT / "README.md").read_text()
+    gae = ["ppo.advantage=gae", "ppo.samples_per_prompt=1"]
     cfg = load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"),
-                      ["ppo.prompts_per_iteration=64", "ppo.minibatch_size=64", "ppo.micro_batch_size=2"])
+                      gae + ["ppo.prompts_per_iteration=64", "ppo.minibatch_size=64", "ppo.micro_batch_size=2"])
     zero2, zero3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}
     rows = [("1b", mp.Hardware.gpus(1, 80), zero2, "| Llama-3.2-1B | 1 x 80 GB GPU | fits ({peak} GiB) |"),
             ("7b", mp.Hardware.gpus(1, 80), zero2, "| Llama-2-7B | 1 x 80 GB GPU | does not fit as configured ({peak} GiB)"),
@@ -185,7 +186,8 @@ def test_the_readme_table_is_what_the_plan_says():
         assert row.format(peak=round(v.peak_device / mp.GiB)) in readme, (shape, v)
     _, v = mp.verdict(cfg, mp.SHAPES["70b"], mp.Hardware.gpus(8, 80, nodes=2), ("ppo",), zero3)
     assert any(a.startswith("deepspeed.config=zero3_offload") and "peak 19.9 GiB" in a for a in v.advice)
-    _, v = mp.verdict(load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"), []), mp.SHAPES["1b"],
+    _, v = mp.verdict(load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"), gae + ["ppo.minibatch_size=8"]),
+                      mp.SHAPES["1b"],
                       mp.Hardware(1, 1, None, 24 * mp.GiB), ("ppo",), zero2)
     assert v.fits == "does not fit" and f"does not fit ({round(v.peak_device / mp.GiB)} GiB)" in readme
 
