@@ -312,7 +312,8 @@ def check_ppo(name: str, device: torch.device, sizes: Sizes, bundle: Path, work:
     write_data(work / "data", rows=2 * p["prompts"], doc_words=2 * p["doc_tokens"])
     prompt_len = prompt_tokens(base, work / "data", p["doc_tokens"])
     prepare_s = time.perf_counter() - t0
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LASTMILE_CACHE": str(work / "cache"),
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # each run starts its own
+    env = {**{k: v for k, v in os.environ.items() if k not in rendezvous}, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "LASTMILE_CACHE": str(work / "cache"),
            "PYTHONUNBUFFERED": "1"}
     lastmile = ["-m", "lastmile"]
     if not cuda:  # the device's packages only (device_like_path); which it imported, for the bundle check

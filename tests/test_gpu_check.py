@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -21,7 +22,7 @@ import gpu_check  # noqa: E402
 def test_dry_run_reports_every_check_with_numbers_or_a_reason(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(out), "--work",
-                           str(tmp_path / "work")], capture_output=True, text=True, timeout=300)
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=300, env=clean_env())
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     checks = results["checks"]
