@@ -19,6 +19,7 @@ import gpu_bundle  # noqa: E402
 import gpu_check  # noqa: E402
 
 
+@pytest.mark.slow  # about a minute: kept out of the default run's 8 minutes (`make test-slow`)
 def test_dry_run_reports_every_check_with_numbers_or_a_reason(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", str(out), "--work",
