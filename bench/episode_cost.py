@@ -10,7 +10,8 @@ from the same backbone (seeded). Documents: SciTLDR-A training abstracts from --
 ../shared/data/scitldr_a, a development copy beside the project) or ACLSum when that is absent.
 
 Each estimator runs as `before` (`ppo.old_logprobs=forward`: a separate training-mode forward for the
-old log-probs, as every version up to 2026-12-06 did) and `after` (the defaults), alternating in one
+old log-probs, and `ppo.shared_prefix=false`: every sample's row holds its own copy of the prompt, as
+every version up to 2026-12-06 did) and `after` (the defaults), alternating in one
 process tree, the order rotated each round. Per run the first iteration is warm-up and dropped; the
 table shows medians over the rest and the rounds. Phases are the `time/*_s` metrics of
 ppo/history.json: generation, reward (reward model + metric), old_logprobs, reference, critic_values,
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PHASES = ("generation", "reward", "old_logprobs", "reference", "critic_values", "actor_update", "critic_update",
           "logging")
 SHAPES = {"gae": (16, 1), "rloo": (4, 4), "grpo": (4, 4)}
-VARIANTS = {"before": ["ppo.old_logprobs=forward"], "after": []}
+VARIANTS = {"before": ["ppo.old_logprobs=forward", "ppo.shared_prefix=false"], "after": []}
 
 
 def prepare(work: Path, data: Path | None, n: int) -> dict:

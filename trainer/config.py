@@ -278,6 +278,16 @@ class PPOConfig:
     compares those with the update's forward. It needs epochs=1 and minibatch_size equal to the rollout.
     `auto`: `update` where it applies and the forwards run in fp32 (generation and training log-probs
     then agree to about 1e-5), else `forward`."""
+    shared_prefix: bool = True
+    """Process each prompt once for its samples (samples_per_prompt > 1). Generation prefills each prompt
+    once and copies its key/value cache to the samples. The reference, reward-model and critic forwards
+    and the actor and critic updates take a micro-batch's rows of one prompt as one row,
+    the prompt then every response, with an attention mask that lets each response see the prompt and
+    itself only and positions that continue after the prompt (`lastmile.data.prefix_pack`). The same
+    log-probs, scores and values as the padded rows up to float rounding; at 320 prompt and 64 response
+    tokens with 4 samples about 2.7x fewer tokens. The update then shuffles whole prompts' groups,
+    not rows. It needs SDPA or eager attention (with flash_attention_2 it is off: padded rows, a prefill per
+    sample)."""
     max_new_tokens: int = 96
     """Longest response in tokens, in rollouts and in the in-loop evaluation; a rollout response that
     reaches it without EOS pays ppo.reward.no_eos_penalty."""

@@ -108,8 +108,10 @@ class HybridEngine:
         return self.gather == "layer" and self.world_size > 1
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: Sampling, *, eos_id: int,
-                 pad_id: int, autocast_ctx=None) -> Generated:
+                 pad_id: int, autocast_ctx=None, repeats: int = 1) -> Generated:
         """prompt_ids (B, P) left-padded, prompt_mask (B, P) bool -> Generated with R <= max_new_tokens.
+        `repeats` > 1: each prompt is in `repeats` consecutive rows; its prefill then runs once and the
+        key/value cache is copied to its rows (the same cache as `repeats` prefills, to float rounding).
         Call inside `generation_mode()`."""
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample, num_beams=1,
                       pad_token_id=pad_id, eos_token_id=eos_id, synced_gpus=self.synced_gpus,
@@ -117,6 +119,8 @@ class HybridEngine:
         if sampling.do_sample:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         with autocast_ctx or contextlib.nullcontext():
+            if repeats > 1 and prompt_ids.shape[1] > 1:
+                kwargs["cache"] = self._shared_prefill(prompt_ids[::repeats], prompt_mask[::repeats], repeats)
             out = self.lm.generate(input_ids=prompt_ids.to(self.device), attention_mask=prompt_mask.long().to(self.device),
                                    **kwargs)
         tokens = out.sequences[:, prompt_ids.shape[1]:]  # (B, R)
@@ -128,6 +132,17 @@ class HybridEngine:
             for t, step in enumerate(out.logits)
         ], dim=1)
         return Generated(tokens, mask, torch.where(mask, logprobs, torch.zeros_like(logprobs)), ended)
+
+    @torch.no_grad()
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor, repeats: int):
+        """The cache of every prompt token but the last (G prompts), each row repeated `repeats` times:
+        `generate` then feeds the last prompt token and samples from there."""
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(input_ids=ids[:, :-1].to(self.device), attention_mask=mask[:, :-1].long().to(self.device),
+                      position_ids=position_ids[:, :-1].to(self.device), use_cache=True)
+        cache = out.cache
+        cache.batch_repeat_interleave(repeats)
+        return cache
 
 
 def _parameter_offload(engine):

@@ -191,15 +191,49 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, seed: int, path: s
     source = resolve_model_path(path or cfg.path, None if path else cfg.gguf_file, field=field)
     hf_config = model_config(cfg, path, field=field)
     kwargs = dict(attn_implementation=attn.implementation, trust_remote_code=cfg.trust_remote_code)
-    # A random-init model (tests, smoke runs) is small and built the same on every rank: whole, so that
-    # 1 and N ranks start from identical weights.
-    with partitioned_loading(None if cfg.random_init and path is None else ds), _load_errors(field, path or cfg.path):
-        if cfg.random_init and path is None:
+    with partitioned_loading(ds), _load_errors(field, path or cfg.path):
+        if cfg.random_init and path is None:  # partitioned under ZeRO-3: no rank holds the whole model
             with seeding.seeded(seed, stage="model_init", device=device):
                 model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
+            seeded_init(model, seed, std=getattr(hf_config, "initializer_range", 0.02))
         else:
             model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
     return model, attn
+
+
+def seeded_init(model: torch.nn.Module, seed: int, *, std: float) -> None:
+    """Draw every weight matrix (2 or more dims) from N(0, std) with a generator seeded by `seed` and the
+    parameter's name, and zero an embedding's padding row, as transformers' Llama-style init does; vectors
+    (norm scales, biases) keep the constructor's constants. The weights then do not depend on how the
+    model was built: whole on one rank, or partitioned by ZeRO-3 over N (zero.Init draws each partition
+    from its own rank's stream). Under ZeRO-3 one parameter at a time is gathered, filled on rank 0 and
+    scattered back."""
+    import zlib
+
+    embedding_padding = {f"{n}.weight": m.padding_idx for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Embedding) and m.padding_idx is not None}
+    for name, p in model.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if len(shape) < 2:
+            continue
+        g = torch.Generator().manual_seed(seeding.derive_seed(seed, stage="model_init", step=zlib.crc32(name.encode())))
+        values = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=g)
+        if name in embedding_padding:
+            values[embedding_padding[name]] = 0.0
+        with _gathered_for_write(p), torch.no_grad():
+            p.data.copy_(values.to(p.device, p.dtype))
+
+
+@contextlib.contextmanager
+def _gathered_for_write(p: torch.nn.Parameter):
+    """A ZeRO-3 parameter whole while the block writes it (rank 0's values are kept); a plain one as is."""
+    if not hasattr(p, "ds_id"):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+        yield
 
 
 @contextlib.contextmanager
@@ -297,6 +331,22 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
+TREE_MASK_ATTENTION = ("sdpa", "eager")  # take a 4D attention mask; flash-attention 2 does not
+
+
+def tree_mask(mask: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """A (G, 1, L, L) bool mask (True: may attend) in the form `model`'s attention takes as a custom 4D
+    mask: SDPA takes the bool; eager adds it to the scores, so 0 where allowed and the dtype's minimum
+    elsewhere."""
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"attention {impl!r} takes no 4D mask; shared-prefix packing needs one of {TREE_MASK_ATTENTION}")
+
+
 class TokenLogprobModel(torch.nn.Module):
     """A causal LM whose forward returns next-token log-probs at chosen positions.
 
@@ -324,6 +374,8 @@ class TokenLogprobModel(torch.nn.Module):
         temperature: float = 1.0,
         with_entropy: bool = False,
         reduction: str = "none",
+        token_index: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
     ):
         """input_ids (B, T), attention_mask (B, T) bool, target_mask (B, T) bool (True on tokens whose
         probability is wanted), position_ids (B, T) only for packed rows.
@@ -331,10 +383,20 @@ class TokenLogprobModel(torch.nn.Module):
         reduction="none" -> (logprobs (B, T-1) fp32 aligned with input_ids[:, 1:], zero where
         target_mask[:, 1:] is False; entropy (B, T-1) or None).
         reduction="sum" -> scalar sum of the target tokens' log-probs, through the fused linear-loss
-        path (lastmile_kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls)."""
+        path (lastmile_kernels.logprob.token_logprob_sum: gradients formed in the forward pass, 3 matmuls).
+
+        Shared-prefix pack (`lastmile.data.prefix_pack`): attention_mask (G, 1, L, L) bool, position_ids
+        (G, L), token_index (N,) flat indices of the hidden states that predict token_ids (N,) ->
+        (logprobs (N,) fp32, entropy (N,) or None); target_mask is not used."""
         from lastmile_kernels.logprob import token_logprob_sum, token_logprobs
 
         decoder = self.lm.get_decoder()
+        if token_index is not None:
+            hidden = decoder(input_ids=input_ids, attention_mask=tree_mask(attention_mask, self.lm),
+                             position_ids=position_ids, use_cache=False).last_hidden_state
+            h = hidden.reshape(-1, hidden.shape[-1])[token_index]  # (N, H)
+            return token_logprobs(h, self.lm.get_output_embeddings().weight, token_ids, temperature,
+                                  with_entropy=with_entropy, impl=self.logprob_impl)
         if position_ids is not None:  # packed: no 2D mask, transformers derives the blocks from positions
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         else:
@@ -370,10 +432,15 @@ class ScalarRewardModel(torch.nn.Module):
         self.rm = rm
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, read_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T), attention_mask (B, T) bool (right or left padded) -> scores (B,) fp32.
         Packed: input_ids (1, L) holding S sequences back to back, position_ids (1, L) restarting at 0
-        for each -> scores (S,)."""
+        for each -> scores (S,). Shared-prefix pack: attention_mask (G, 1, L, L), position_ids (G, L),
+        read_index (B,) flat indices of the positions to score -> scores (B,)."""
+        if read_index is not None:
+            hidden = self.rm.base_model(input_ids=input_ids, attention_mask=tree_mask(attention_mask, self.rm),
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+            return self.rm.score(hidden.reshape(-1, hidden.shape[-1])[read_index]).squeeze(-1).float()
         if position_ids is not None:
             hidden = self.rm.base_model(input_ids=input_ids, position_ids=position_ids,
                                         use_cache=False).last_hidden_state[0]  # (L, H)
@@ -404,8 +471,16 @@ class ValueModel(torch.nn.Module):
         self.register_buffer("scale", torch.tensor(float(scale)), persistent=True)
         self.shift = torch.nn.Parameter(torch.tensor([float(shift)]))  # (1,): ZeRO-3 partitions no 0-d tensors
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, T), attention_mask (B, T) bool (left or right padded) -> values (B, T) fp32."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+                value_index: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T), attention_mask (B, T) bool (left or right padded) -> values (B, T) fp32.
+        Shared-prefix pack: attention_mask (G, 1, L, L), position_ids (G, L), value_index (N,) flat indices
+        -> values (N,) at those positions."""
+        if value_index is not None:
+            hidden = self.rm.base_model(input_ids=input_ids, attention_mask=tree_mask(attention_mask, self.rm),
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+            head = self.rm.score(hidden.reshape(-1, hidden.shape[-1])[value_index]).squeeze(-1).float()
+            return head * self.scale + self.shift.float()
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask.long(),
                                     position_ids=position_ids, use_cache=False).last_hidden_state

@@ -17,6 +17,7 @@ from lastmile import distributed, metrics
 from lastmile.algorithms.rewards import hybrid_reward
 from lastmile.config import RewardConfig
 from lastmile.data.collate import collate_prompts
+from lastmile.data.prefix_pack import PrefixPack, groups_of, has_shared_prefix, pack_shared_prefix
 from lastmile.data.prompts import TokenizedExample
 from lastmile.data.records import Example
 from lastmile.hybrid_engine import HybridEngine, Sampling
@@ -62,6 +63,11 @@ class Rollout:
         return dataclasses.replace(self, **{f.name: _pick_rows(getattr(self, f.name), idx)
                                             for f in dataclasses.fields(self)})
 
+    def pack(self, tokenizer: PreTrainedTokenizerBase) -> PrefixPack:
+        """The rows as a shared-prefix pack: each prompt once, its samples after it (data/prefix_pack.py)."""
+        return pack_shared_prefix(self.prompt_ids, self.prompt_mask, self.response_ids, self.response_mask,
+                                  self.example_idx, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+
     def sequences(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids (B, P+R), attention_mask (B, P+R) bool, target_mask (B, P+R) bool on response tokens)."""
         ids = torch.cat([self.prompt_ids, self.response_ids], 1).to(device)
@@ -97,6 +103,7 @@ class RolloutModels:
     device: torch.device
     precision: str
     micro_batch: int
+    shared_prefix: bool = False  # pack each prompt's samples with the prompt once (ppo.shared_prefix)
 
 
 def sample(models: RolloutModels, prompts: list[TokenizedExample], example_idx: list[int], sampling: Sampling,
@@ -107,8 +114,10 @@ def sample(models: RolloutModels, prompts: list[TokenizedExample], example_idx: 
     with phase(timer, "generation"), models.actor.generation_mode():
         for i in range(0, len(prompts), batch_size):
             batch = collate_prompts(prompts[i : i + batch_size], tok.pad_token_id)
+            runs = {len(g) for g in groups_of(example_idx[i : i + batch_size])}
+            repeats = runs.pop() if models.shared_prefix and len(runs) == 1 else 1  # equal groups: one prefill each
             g = models.actor.generate(batch.prompt_ids, batch.prompt_mask, sampling, eos_id=tok.eos_token_id,
-                                      pad_id=tok.pad_token_id,
+                                      pad_id=tok.pad_token_id, repeats=repeats,
                                       autocast_ctx=distributed.autocast(models.precision, models.device))
             parts.append((batch, g))
     P = max(b.prompt_ids.shape[1] for b, _ in parts)
@@ -139,6 +148,12 @@ def _micro_batches(n: int, micro: int) -> list[range]:
     return [range(i, min(i + micro, n)) for i in range(0, n, micro)]
 
 
+def packs(models: RolloutModels, sub: Rollout) -> bool:
+    """Whether the forwards over these rows use the shared-prefix pack: asked for, and some prompt has
+    more than one sample among them (else packing saves nothing)."""
+    return models.shared_prefix and has_shared_prefix(sub.example_idx)
+
+
 @torch.no_grad()
 def response_logprobs(model, rollout: Rollout, models: RolloutModels, *, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs (B, R) of the response tokens under softmax(logits / temperature) of `model` (a
@@ -146,7 +161,15 @@ def response_logprobs(model, rollout: Rollout, models: RolloutModels, *, tempera
     P = rollout.prompt_ids.shape[1]
     out = []
     for r in _micro_batches(len(rollout), models.micro_batch):
-        ids, mask, target = rollout.rows(list(r)).sequences(models.device)
+        sub = rollout.rows(list(r))
+        if packs(models, sub):
+            k = sub.pack(models.tokenizer).to(models.device)
+            with distributed.autocast(models.precision, models.device):
+                flat, _ = model(k.input_ids, k.attention_mask, None, k.position_ids, temperature=temperature,
+                                token_index=k.token_index, token_ids=k.token_ids)
+            out.append(k.per_token(flat.float()).cpu())
+            continue
+        ids, mask, target = sub.sequences(models.device)
         with distributed.autocast(models.precision, models.device):
             logp, _ = model(ids, mask, target, temperature=temperature)  # (b, T-1), aligned with ids[:, 1:]
         out.append(logp[:, P - 1 :].float().cpu())
@@ -160,6 +183,12 @@ def response_values(critic, rollout: Rollout, models: RolloutModels) -> torch.Te
     out = []
     for r in _micro_batches(len(rollout), models.micro_batch):
         sub = rollout.rows(list(r))
+        if packs(models, sub):
+            k = sub.pack(models.tokenizer).to(models.device)
+            with distributed.autocast(models.precision, models.device):
+                flat = critic(k.input_ids, k.attention_mask, k.position_ids, value_index=k.token_index)
+            out.append(k.per_token(flat.float()).cpu())
+            continue
         ids, mask, _ = sub.sequences(models.device)
         with distributed.autocast(models.precision, models.device):
             v = critic(ids, mask)[:, P - 1 : -1].float().cpu()
@@ -175,6 +204,11 @@ def reward_model_scores(rm, rollout: Rollout, models: RolloutModels) -> torch.Te
     out = []
     for r in _micro_batches(len(rollout), models.micro_batch):
         sub = rollout.rows(list(r))
+        if packs(models, sub):
+            k = sub.pack(models.tokenizer).to(models.device)
+            with distributed.autocast(models.precision, models.device):
+                out.append(rm(k.input_ids, k.attention_mask, k.position_ids, read_index=k.read_index).float().cpu())
+            continue
         ids = torch.cat([sub.prompt_ids, sub.response_ids], 1).to(models.device)
         keep = sub.response_mask & (sub.response_ids != eos)
         mask = torch.cat([sub.prompt_mask, keep], 1).to(models.device)

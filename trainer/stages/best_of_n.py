@@ -35,7 +35,8 @@ from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
 from lastmile.hybrid_engine import HybridEngine, Sampling
 from lastmile.model_inputs import CAUSAL_LM, REWARD_MODEL, check_model_input, check_same_vocabulary
-from lastmile.models import ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone, load_tokenizer
+from lastmile.models import (TREE_MASK_ATTENTION, ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone,
+                             load_tokenizer)
 from lastmile.rollout import RolloutModels
 from lastmile.stages import common, ppo_setup, sft
 
@@ -153,7 +154,7 @@ def _sampling_models(cfg: Config, dist: DistInfo, init: str, rm_path: str, token
     (ppo_setup.build); best-of-n has no trained actor, reference or critic."""
     ds = distributed.inference_ds_config(cfg.deepspeed.config, dist.world_size,
                                          hidden_size=hidden_size_of(cfg.model, init))
-    lm, _ = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=init, ds=ds, field="best_of_n.init")
+    lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=init, ds=ds, field="best_of_n.init")
     actor = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
                          gather=cfg.deepspeed.generation_gather, world_size=dist.world_size)
     rm_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id, seed=cfg.seed, ds=ds,
@@ -161,7 +162,8 @@ def _sampling_models(cfg: Config, dist: DistInfo, init: str, rm_path: str, token
     rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds, dist.device)
     return RolloutModels(actor=actor, actor_engine=None, ref=None, rm=rm, critic=None, tokenizer=tokenizer,
                          rm_stats=ppo_setup.reward_stats(rm_path), device=dist.device, precision=cfg.precision,
-                         micro_batch=cfg.best_of_n.batch_size * cfg.best_of_n.samples_per_example)  # a chunk
+                         micro_batch=cfg.best_of_n.batch_size * cfg.best_of_n.samples_per_example,  # a chunk
+                         shared_prefix=attn.implementation in TREE_MASK_ATTENTION)  # each document once per n
 
 
 def sampling_metrics(rows: list[dict]) -> dict[str, float]:

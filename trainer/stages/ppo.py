@@ -32,6 +32,7 @@ from lastmile.algorithms.advantages import compute_gae, greedy_baseline_advantag
 from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
 from lastmile.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
 from lastmile.config import Config, PPOPlan, whitens_advantages
+from lastmile.data.prefix_pack import groups_of
 from lastmile.data.sampling import micro_batch_indices
 from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
@@ -250,7 +251,7 @@ def update(ctx: PPOContext, b: Rollout, advantages: torch.Tensor, returns: torch
     for epoch in range(o.epochs):
         seed = seeding.derive_seed(ctx.cfg.seed, stage="ppo_update_order", step=iteration * o.epochs + epoch,
                                    rank=ctx.dist.rank)
-        order = torch.randperm(len(b), generator=torch.Generator().manual_seed(seed))
+        order = update_order(b, torch.Generator().manual_seed(seed), by_group=m.shared_prefix)
         for k in range(plan.minibatches):
             rows = order[k * per_rank_minibatch : (k + 1) * per_rank_minibatch]
             tokens = int(distributed.all_reduce_sum(float(b.response_mask[rows].sum())))
@@ -270,6 +271,16 @@ def update(ctx: PPOContext, b: Rollout, advantages: torch.Tensor, returns: torch
     return out
 
 
+def update_order(b: Rollout, gen: torch.Generator, *, by_group: bool) -> torch.Tensor:
+    """A random order of the rollout's rows: whole groups of a prompt's samples kept together when the
+    update packs them with a shared prefix (each micro-batch then holds whole groups where its size
+    allows), else row by row."""
+    if not by_group:
+        return torch.randperm(len(b), generator=gen)
+    groups = groups_of(b.example_idx)
+    return torch.tensor([i for g in torch.randperm(len(groups), generator=gen).tolist() for i in groups[g]])
+
+
 def _accumulate(sums: dict[str, float], stats: dict[str, float]) -> None:
     for k, v in stats.items():
         sums[k] = sums.get(k, 0.0) + v
@@ -281,11 +292,19 @@ def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor,
     Returns the stats and this forward's log-probs (b, R), detached. Without `mb.old_logprobs` they
     are the old ones (ppo.old_logprobs=update: the weights have not moved yet, so the ratio is 1)."""
     o, m = ctx.cfg.ppo, ctx.models
-    P = mb.prompt_ids.shape[1]
-    ids, attn, target = mb.sequences(m.device)
-    with distributed.autocast(m.precision, m.device):
-        logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True, temperature=o.temperature)
-    logp, entropy = logp[:, P - 1 :], entropy[:, P - 1 :]
+    if rollout.packs(m, mb):  # each prompt once, its gradient formed once
+        k = mb.pack(m.tokenizer).to(m.device)
+        with distributed.autocast(m.precision, m.device):
+            flat, flat_ent = m.actor_engine(k.input_ids, k.attention_mask, None, k.position_ids, with_entropy=True,
+                                            temperature=o.temperature, token_index=k.token_index,
+                                            token_ids=k.token_ids)
+        logp, entropy = k.per_token(flat), k.per_token(flat_ent)  # (b, R)
+    else:
+        P = mb.prompt_ids.shape[1]
+        ids, attn, target = mb.sequences(m.device)
+        with distributed.autocast(m.precision, m.device):
+            logp, entropy = m.actor_engine(ids, attn, target, with_entropy=True, temperature=o.temperature)
+        logp, entropy = logp[:, P - 1 :], entropy[:, P - 1 :]
     mask = mb.response_mask.to(logp.device)
     old = logp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(logp.device)
     loss_sum, st = policy_loss(logp, old, advantages.to(logp.device), mask, clip_range=o.clip_range)
@@ -302,10 +321,16 @@ def actor_step(ctx: PPOContext, mb: Rollout, advantages: torch.Tensor,
 
 def critic_step(ctx: PPOContext, mb: Rollout, returns: torch.Tensor, global_tokens: int) -> dict[str, float]:
     o, m = ctx.cfg.ppo, ctx.models
-    P = mb.prompt_ids.shape[1]
-    ids, attn, _ = mb.sequences(m.device)
-    with distributed.autocast(m.precision, m.device):
-        values = m.critic(ids, attn)[:, P - 1 : -1].float()
+    if rollout.packs(m, mb):
+        k = mb.pack(m.tokenizer).to(m.device)
+        with distributed.autocast(m.precision, m.device):
+            values = k.per_token(m.critic(k.input_ids, k.attention_mask, k.position_ids,
+                                          value_index=k.token_index).float())  # (b, R)
+    else:
+        P = mb.prompt_ids.shape[1]
+        ids, attn, _ = mb.sequences(m.device)
+        with distributed.autocast(m.precision, m.device):
+            values = m.critic(ids, attn)[:, P - 1 : -1].float()
     mask = mb.response_mask.to(values.device)
     loss_sum, st = value_loss(values, mb.values.to(values.device), returns.to(values.device), mask,
                               clip_range=o.value_clip_range)

@@ -23,8 +23,8 @@ from lastmile.distributed import DistInfo
 from lastmile.errors import ConfigError, UserError
 from lastmile.hybrid_engine import HybridEngine
 from lastmile.model_inputs import CAUSAL_LM, REWARD_MODEL, check_model_input, check_same_vocabulary, read_reward_stats
-from lastmile.models import (ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of, load_causal_lm,
-                            load_reward_backbone, load_tokenizer)
+from lastmile.models import (TREE_MASK_ATTENTION, ScalarRewardModel, TokenLogprobModel, ValueModel, hidden_size_of,
+                             load_causal_lm, load_reward_backbone, load_tokenizer)
 from lastmile.plan import check_run, too_few_prompts
 from lastmile.plots import plot_grid
 from lastmile.rollout import RolloutModels
@@ -149,18 +149,25 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
                           world_size=dist.world_size)
     models = RolloutModels(actor=hybrid, actor_engine=actor_engine, ref=ref, rm=rm, critic=critic, tokenizer=tokenizer,
                            rm_stats=stats, device=dist.device, precision=cfg.precision,
-                           micro_batch=o.micro_batch_size)
+                           micro_batch=o.micro_batch_size,
+                           shared_prefix=uses_shared_prefix(o, attn.implementation))
     old_logprobs = resolve_old_logprobs(o, plan, bf16=distributed.use_bf16(cfg.precision, dist.device))
     trained = sum(getattr(p, "ds_numel", p.numel()) for p in actor_lm.parameters() if p.requires_grad)
     runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
                "trained_parameters": trained, "reference": "actor with adapters off" if o.lora.r else "frozen copy",
-               "old_logprobs": old_logprobs,
+               "old_logprobs": old_logprobs, "shared_prefix": models.shared_prefix,
                "logprob_impl": resolve_impl(o.logprob_impl, dist.device), "init": init, "reward_model": rm_path,
                "rollout": plan.rollout, "grad_accum": plan.train.grad_accum, "optimizer_steps": total_steps}
     if dist.is_main:
         log.info("PPO: %s; train prompts: %s", ", ".join(f"{k} {v}" for k, v in runtime.items()), report.describe())
     return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime,
                  old_logprobs=old_logprobs)
+
+
+def uses_shared_prefix(o: PPOConfig, attention: str) -> bool:
+    """ppo.shared_prefix where it can act: more than one sample per prompt and an attention that takes
+    the tree mask."""
+    return o.shared_prefix and o.samples_per_prompt > 1 and attention in TREE_MASK_ATTENTION
 
 
 def resolve_old_logprobs(o: PPOConfig, plan: PPOPlan, *, bf16: bool) -> str:
