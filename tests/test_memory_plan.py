@@ -185,7 +185,7 @@ def test_the_readme_table_is_what_the_plan_says():
         _, v = mp.verdict(cfg, mp.SHAPES[shape], hw, ("ppo",), ds)
         assert row.format(peak=round(v.peak_device / mp.GiB)) in readme, (shape, v)
     _, v = mp.verdict(cfg, mp.SHAPES["70b"], mp.Hardware.gpus(8, 80, nodes=2), ("ppo",), zero3)
-    assert any(a.startswith("deepspeed.config=zero3_offload") and "peak 19.9 GiB" in a for a in v.advice)
+    assert any(a.startswith("deepspeed.config=zero3_offload") and "peak 23.8 GiB" in a for a in v.advice)
     _, v = mp.verdict(load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"), gae + ["ppo.minibatch_size=8"]),
                       mp.SHAPES["1b"],
                       mp.Hardware(1, 1, None, 24 * mp.GiB), ("ppo",), zero2)
@@ -243,3 +243,27 @@ def test_a_finished_stages_engine_is_freed_by_release_engines(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["released"] == 1 and r["kept"] > 4 * 100_000  # the model's weights and AdamW state were still held
     assert r["after"] < r["kept"] / 10
+
+
+def test_the_plan_reads_the_actor_and_reward_model_it_will_load(tmp_path):
+    """`lastmile plan --for ppo` plans ppo.init's shape and ppo.reward.model's (a small scorer beside a
+    large actor is counted as small), from their config.json files; without those folders, model.path's."""
+    from lastmile.config import ModelConfig
+    from lastmile.models import model_config
+    from lastmile.plan import _shapes
+
+    folders = {}
+    for name, layers in (("actor", 6), ("rm", 1)):
+        c = model_config(ModelConfig(config_overrides={"num_hidden_layers": layers}))
+        c.save_pretrained(tmp_path / name)
+        folders[name] = (tmp_path / name, mp.ModelShape.from_hf_config(c).params)
+    cfg = load_config(TINY, [f"ppo.init={folders['actor'][0]}", f"ppo.reward.model={folders['rm'][0]}"])
+    actor, reward = _shapes(cfg, "ppo")
+    assert (actor.params, reward.params) == (folders["actor"][1], folders["rm"][1])
+    assert actor.layers == 6 and reward.layers == 1
+    base, none = _shapes(cfg, "sft")
+    assert none is None and base.params == mp.ModelShape.from_hf_config(model_config(cfg.model)).params
+    hw, zero2 = mp.Hardware(1, 1, None, None), {"zero_optimization": {"stage": 2}}
+    planned = {r.what: r.device for r in mp.plan_memory(cfg, actor, hw, ("ppo",), zero2, reward=reward)[0].resident}
+    assert planned["reward model weights"] == 4 * reward.scalar_head_params
+    assert planned["actor weights"] == 4 * actor.params

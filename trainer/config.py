@@ -47,7 +47,9 @@ class ModelConfig:
     tokenizer_path: str | None = None
     """Where the tokenizer comes from; defaults to `path`."""
     random_init: bool = False
-    """Build the architecture of `path` with random weights (tests, smoke runs)."""
+    """Build the architecture of `path` with random weights (tests, smoke runs, benchmarks): every weight
+    matrix drawn from N(0, initializer_range) by a stream seeded from `seed` and its name, so that one
+    process and N ZeRO-3 ranks start from the same weights; under ZeRO-3 built partitioned."""
     config_overrides: dict[str, Any] = field(default_factory=dict)
     """Fields of the model's `PretrainedConfig` to change, e.g. `{num_hidden_layers: 2}`."""
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"

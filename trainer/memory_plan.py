@@ -312,8 +312,12 @@ def _train_stage(name: str, shape: ModelShape, params: int, t, lengths: Lengths,
     return sp
 
 
-def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: dict) -> list[StagePlan]:
-    """Per stage of the command, memory per rank and seconds per optimizer step (or PPO iteration)."""
+def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: dict, *,
+                reward: ModelShape | None = None) -> list[StagePlan]:
+    """Per stage of the command, memory per rank and seconds per optimizer step (or PPO iteration).
+    `shape` is the trained model's; `reward` the reward model's (and the critic's started from it) where
+    it differs (default: `shape`, as when the reward model starts from the SFT model)."""
+    reward = reward or shape
     from lastmile.config import plan_ppo
     from lastmile.distributed import use_bf16
 
@@ -335,11 +339,11 @@ def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], d
             o = cfg.ppo
             p = plan_ppo(o.prompts_per_iteration, o.samples_per_prompt, o.minibatch_size, o.micro_batch_size, o.epochs,
                          hw.world)
-            out.append(_ppo_stage(cfg, shape, hw, z, p, act))
+            out.append(_ppo_stage(cfg, shape, reward, hw, z, p, act))
         elif stage == "best-of-n":  # sampling with two frozen models, then SFT's training on the kept summaries
             b = cfg.best_of_n
             sp = StagePlan("best-of-n sampling", step_name="chunk")
-            for role, params in (("model", shape.params), ("reward model", shape.scalar_head_params)):
+            for role, params in (("model", shape.params), ("reward model", reward.scalar_head_params)):
                 for r in model_states(params, trained=False, z=z, world=hw.world):
                     sp.resident.append(Row(f"{role} {r.what}", r.device, r.host))
             sp.phases["generation"] = _generation_rows(shape, b.batch_size * b.samples_per_example,
@@ -377,7 +381,7 @@ def _generation_rows(shape: ModelShape, batch: int, lengths: Lengths, z: ZeroSet
     return rows
 
 
-def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: int) -> StagePlan:
+def _ppo_stage(cfg, shape: ModelShape, reward: ModelShape, hw: Hardware, z: ZeroSettings, p, act: int) -> StagePlan:
     o = cfg.ppo
     lengths = _lengths(cfg, o.max_new_tokens)
     critic = o.advantage == "gae"
@@ -388,8 +392,8 @@ def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: in
                                                    True)]
     else:
         roles = [("actor", shape.params, True), ("reference", shape.params, False)]
-    roles += [("critic", shape.scalar_head_params, True)] if critic else []
-    roles += [("reward model", shape.scalar_head_params, False)] if rm else []
+    roles += [("critic", reward.scalar_head_params, True)] if critic else []
+    roles += [("reward model", reward.scalar_head_params, False)] if rm else []
     for role, params, trained in roles:
         for r in model_states(params, trained=trained, z=z, world=hw.world):
             sp.resident.append(Row(f"{role} {r.what}", r.device, r.host))
@@ -399,17 +403,23 @@ def _ppo_stage(cfg, shape: ModelShape, hw: Hardware, z: ZeroSettings, p, act: in
     upd = [Row(f"{role} gradients", *_place([gradients(params, z=z, world=hw.world)]))
            for role, params, trained in roles if trained]
     upd.append(Row("actor activations", activations(shape, tokens, seq=lengths.sequence, trained=True, bytes_per=act)))
+    scoring = [Row("frozen forward", max(activations(s, tokens, seq=lengths.sequence, trained=False, bytes_per=act)
+                                         for s in (shape, reward)))]
     if z.stage == 3:
-        upd.append(Row("gathered layers (prefetch)", 2 * 4 * shape.layer_params))
+        # layers are gathered one at a time (and the next prefetched); the output embedding is the log-prob
+        # head's external parameter (TokenLogprobModel), whole for the entire forward and backward
+        gathered = [Row("gathered layers (prefetch)", 2 * 4 * shape.layer_params),
+                    Row("gathered output embedding", 4 * shape.embedding_params)]
+        upd += gathered
+        scoring += gathered
     sp.phases["update"] = upd
-    sp.phases["scoring"] = [Row("frozen forward", activations(shape, tokens, seq=lengths.sequence, trained=False,
-                                                              bytes_per=act))]
+    sp.phases["scoring"] = scoring
     # time: generation (prefill FLOPs, decode bounded by reading the gathered weights once per token),
     # frozen forwards, the update (forward and backward; a separate old-log-prob forward unless skipped)
     R, T = p.rollout, lengths.sequence
-    n_frozen = shape.params + (shape.scalar_head_params if rm else 0) + (shape.scalar_head_params if critic else 0)
+    n_frozen = shape.params + (reward.scalar_head_params if rm else 0) + (reward.scalar_head_params if critic else 0)
     actor = (4 if o.lora.r else 6) * shape.params  # a frozen weight needs no weight gradient (LoRA)
-    update_flops = o.epochs * (actor + 6 * (shape.scalar_head_params if critic else 0)) * R * T
+    update_flops = o.epochs * (actor + 6 * (reward.scalar_head_params if critic else 0)) * R * T
     old_lp = 0 if o.old_logprobs == "update" else 2 * shape.params * R * T
     # remax also decodes one greedy response per prompt
     batches = [p.rollout_per_rank] + ([p.prompts_per_rank] if o.advantage == "remax" else [])
@@ -447,9 +457,10 @@ def _peak(plans: list[StagePlan], hw: Hardware) -> int:
     return max(sp.peak_device + sp.peak_host for sp in plans) + RUNTIME_BYTES_CPU
 
 
-def verdict(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: dict) -> tuple[list[StagePlan], Verdict]:
+def verdict(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: dict, *,
+            reward: ModelShape | None = None) -> tuple[list[StagePlan], Verdict]:
     """The plan, whether its peak fits 90% of each rank's memory, and settings that would make it fit."""
-    plans = plan_memory(cfg, shape, hw, stages, ds)
+    plans = plan_memory(cfg, shape, hw, stages, ds, reward=reward)
     peak, budget = _peak(plans, hw), budget_per_rank(hw)
     z = ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world)
     if budget is None:
@@ -461,12 +472,12 @@ def verdict(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: d
     for label, offload, (alt_cfg, alt_ds) in _alternatives(cfg, ds):
         if offload and not hw.gpu:  # offloading to the host from a CPU rank frees nothing
             continue
-        alt = plan_memory(alt_cfg, shape, hw, stages, alt_ds)
+        alt = plan_memory(alt_cfg, shape, hw, stages, alt_ds, reward=reward)
         alt_peak, host = _peak(alt, hw), max(sp.peak_host for sp in alt) if hw.gpu else 0
         if alt_peak <= 0.9 * budget and (not host or hw.host_bytes is None or host * hw.ranks_per_node <= 0.9 * hw.host_bytes):
             fitting.append(f"{label}: peak {alt_peak / GiB:.1f} GiB per rank"
                            + (f" and {host * hw.ranks_per_node / GiB:.0f} GiB of host memory per node" if host else ""))
-    more = _ranks_needed(cfg, shape, hw, stages, ds, budget)
+    more = _ranks_needed(cfg, shape, hw, stages, ds, budget, reward)
     advice = fitting + ([more] if more else [])
     return plans, Verdict("does not fit as configured" if advice else "does not fit", peak, budget, advice)
 
@@ -497,7 +508,8 @@ def _alternatives(cfg, ds: dict):
            (layer, _with_zero3(ds, offload=True)))
 
 
-def _ranks_needed(cfg, shape, hw: Hardware, stages, ds, budget: int) -> str | None:
+def _ranks_needed(cfg, shape, hw: Hardware, stages, ds, budget: int,
+                  reward: ModelShape | None = None) -> str | None:
     """The fewest ranks per node (then nodes) at which ZeRO-3 with layer gathering fits, up to 1024 ranks."""
     d = _with_zero3(ds)
     alt_cfg = replace(cfg, deepspeed=replace(cfg.deepspeed, generation_gather="layer"))
@@ -507,7 +519,7 @@ def _ranks_needed(cfg, shape, hw: Hardware, stages, ds, budget: int) -> str | No
         per_node = min(world, max(hw.ranks_per_node, 8 if hw.gpu else hw.ranks_per_node))
         alt_hw = replace(hw, ranks_per_node=per_node, nodes=math.ceil(world / per_node))
         try:
-            alt = plan_memory(alt_cfg, shape, alt_hw, stages, d)
+            alt = plan_memory(alt_cfg, shape, alt_hw, stages, d, reward=reward)
         except ConfigError:  # batch sizes that do not divide by this many ranks
             continue
         if _peak(alt, hw) <= 0.9 * budget:
@@ -516,14 +528,16 @@ def _ranks_needed(cfg, shape, hw: Hardware, stages, ds, budget: int) -> str | No
     return None
 
 
-def describe(plans: list[StagePlan], v: Verdict, shape: ModelShape, hw: Hardware, z: ZeroSettings) -> str:
+def describe(plans: list[StagePlan], v: Verdict, shape: ModelShape, hw: Hardware, z: ZeroSettings, *,
+             reward: ModelShape | None = None) -> str:
     g = lambda b: f"{b / GiB:7.2f}"  # noqa: E731
     where = (f"{hw.nodes} node(s) x {hw.ranks_per_node} GPU(s) of {hw.device_bytes / GiB:.0f} GiB" if hw.gpu
              else f"{hw.world} CPU rank(s)")
     lines = [f"Memory plan: {shape.name} ({shape.params / 1e6:,.0f}M parameters) on {where}, ZeRO-{z.stage}"
              + (" with optimizer offload" if z.offload_optimizer else "") + (" and parameter offload" if z.offload_params
                                                                              else "")
-             + ("" if z.gather == "none" else f", generation_gather={z.gather}")]
+             + ("" if z.gather == "none" else f", generation_gather={z.gather}")
+             + (f"; reward model {reward.name} ({reward.params / 1e6:,.0f}M)" if reward else "")]
     for sp in plans:
         lines.append(f"  {sp.stage}: peak {(sp.peak_device + (0 if hw.gpu else sp.peak_host)) / GiB:.2f} GiB per rank"
                      + (f" (+{sp.peak_host / GiB:.2f} GiB host)" if sp.peak_host and hw.gpu else "")

@@ -16,6 +16,7 @@ read). Each stage checks again on the examples it loads; hub datasets are counte
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -247,6 +248,25 @@ def _host_bytes() -> int | None:
     return None
 
 
+def _shapes(cfg: Config, command: str):
+    """(the trained model's shape, the reward model's or None when the same) from config.json files: the
+    actor is `ppo.init` for `lastmile ppo` when it names a folder, else model.path (SFT's output keeps
+    its shape); the reward model is `ppo.reward.model` when it names a folder, else the actor's shape (the
+    reward model starts from the SFT model)."""
+    from lastmile import memory_plan as mp
+    from lastmile.models import model_config
+
+    def folder_shape(path: str | None, field: str):
+        if path and (Path(path) / "config.json").is_file():
+            return mp.ModelShape.from_hf_config(model_config(cfg.model, path, field=field), name=path)
+        return None
+
+    actor = (folder_shape(cfg.ppo.init, "ppo.init") if command == "ppo" else None) or \
+        mp.ModelShape.from_hf_config(model_config(cfg.model), name=cfg.model.path)
+    reward = folder_shape(cfg.ppo.reward.model, "ppo.reward.model") if command in ("ppo", "best-of-n") else None
+    return actor, reward
+
+
 def print_memory_plan(cfg: Config, args) -> int:
     """`lastmile plan`: the run plan (refused as `validate` refuses it), then memory per rank and time per
     step of each stage on the given hardware, the verdict and what would make it fit."""
@@ -265,14 +285,10 @@ def print_memory_plan(cfg: Config, args) -> int:
         ranks = world_size_from_env()
         hw = mp.Hardware(ranks, args.nodes, None, host, args.tflops or mp.Hardware.peak_tflops)
     run = check_run(cfg, args.for_command, hw.world)
-    if args.shape:
-        shape = mp.SHAPES[args.shape.lower()]
-    else:
-        from lastmile.models import model_config
-
-        shape = mp.ModelShape.from_hf_config(model_config(cfg.model), name=cfg.model.path)
+    shape, reward = (mp.SHAPES[args.shape.lower()], None) if args.shape else _shapes(cfg, args.for_command)
     ds = load_ds_config(cfg.deepspeed.config)
-    plans, v = mp.verdict(cfg, shape, hw, STAGES[args.for_command], ds)
+    plans, v = mp.verdict(cfg, shape, hw, STAGES[args.for_command], ds, reward=reward)
     print(run.describe())
-    print(mp.describe(plans, v, shape, hw, mp.ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world)))
+    print(mp.describe(plans, v, shape, hw, mp.ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world),
+                      reward=reward))
     return 0 if v.fits.startswith("fits") or v.budget is None else 3
