@@ -521,8 +521,11 @@ class Config:
     negatives, sampling and dropout all derive from it with (stage, step, rank) (`lastmile.seeding`).
     Part of every stage's identity: changing it reruns finished stages."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """`auto`: bf16 autocast where the device computes it natively (CUDA with bf16; a CPU with AVX-512
-    BF16 or AMX), else fp32: emulated bf16 on an AVX2-only CPU was 12x slower than fp32."""
+    """`bf16`: DeepSpeed's bf16 for every trained model (bf16 weights and gradients, fp32 master weights
+    and AdamW moments in the optimizer), frozen models (reference, reward model) loaded in bf16, forward
+    passes under bf16 autocast; published models are saved in bf16. `fp32`: fp32 throughout. `auto`: bf16
+    where the device computes it natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX), else fp32:
+    emulated bf16 on an AVX2-only CPU was 12x slower than fp32."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and tokenizer (`model.*`)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -123,11 +123,15 @@ def load_ds_config(name: str) -> dict[str, Any]:
     return raw
 
 
-def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int) -> dict[str, Any]:
+def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int,
+                   bf16: bool = False) -> dict[str, Any]:
     """Replace every "auto" with a value derived from our config; refuse contradictions.
 
-    Precision is ours (torch.autocast per the `precision` setting: `autocast` below), so DeepSpeed's
-    fp16/bf16 stay off.
+    Precision is ours: `bf16` (from `precision` and the device: `use_bf16`) turns on DeepSpeed's bf16,
+    so a trained model keeps bf16 weights and gradients with fp32 master weights and AdamW moments in
+    its optimizer, and a model loaded with this config loads in bf16 (`models.weights_dtype`); the
+    forward passes also run under `autocast`. fp16 stays off. A JSON that turns either on itself is
+    refused: the `precision` setting decides.
     """
     ds = copy.deepcopy(raw)
     wanted = {
@@ -146,7 +150,7 @@ def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float
     for key in ("fp16", "bf16"):
         if ds.get(key, {}).get("enabled") is True:
             problems.append(f"{key}.enabled (true) in the DeepSpeed JSON: lastmile handles precision with autocast. Use precision=bf16 and set it to \"auto\".")
-        ds[key] = {"enabled": False}
+        ds[key] = {"enabled": bf16 and key == "bf16"}
     zero = ds.setdefault("zero_optimization", {})
     sizes = {
         "reduce_bucket_size": hidden_size * hidden_size,
@@ -215,19 +219,21 @@ def build_engine(module: torch.nn.Module, ds: dict[str, Any], optim: OptimSettin
     return _registered(engine)
 
 
-def ds_config_for(ds_config: str, plan: BatchPlan, optim: OptimSettings, *, hidden_size: int) -> dict[str, Any]:
+def ds_config_for(ds_config: str, plan: BatchPlan, optim: OptimSettings, *, hidden_size: int,
+                  bf16: bool = False) -> dict[str, Any]:
     """The filled DeepSpeed dict for a trained model; build it before loading the model so that a
-    ZeRO-3 model is created partitioned (`models.partitioned_loading`)."""
-    return fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=optim.max_grad_norm, hidden_size=hidden_size)
+    ZeRO-3 model is created partitioned (`models.partitioned_loading`). `bf16`: `use_bf16(precision, device)`."""
+    return fill_ds_config(load_ds_config(ds_config), plan, max_grad_norm=optim.max_grad_norm, hidden_size=hidden_size,
+                          bf16=bf16)
 
 
-def inference_ds_config(ds_config: str, world_size: int, *, hidden_size: int) -> dict[str, Any]:
+def inference_ds_config(ds_config: str, world_size: int, *, hidden_size: int, bf16: bool = False) -> dict[str, Any]:
     """The filled DeepSpeed dict for a model that only generates or scores (nothing trains, so no
     optimizer settings): one sequence per rank for DeepSpeed's batch arithmetic, no gradient clipping."""
     raw = load_ds_config(ds_config)
     clip = raw.get("gradient_clipping")  # irrelevant without training: take the JSON's own value, if any
     return fill_ds_config(raw, plan_batches(world_size, 1, world_size), hidden_size=hidden_size,
-                          max_grad_norm=clip if isinstance(clip, (int, float)) else 0.0)
+                          max_grad_norm=clip if isinstance(clip, (int, float)) else 0.0, bf16=bf16)
 
 
 def inference_engine(module: torch.nn.Module, ds: dict[str, Any], device: torch.device):
@@ -271,6 +277,11 @@ def consolidated_state_dict(engine, ds: dict[str, Any]) -> dict[str, torch.Tenso
     else:
         sd = engine.module.state_dict() if torch.distributed.get_rank() == 0 else None
     return sd
+
+
+def bf16_enabled(ds: dict[str, Any] | None) -> bool:
+    """Whether a filled DeepSpeed dict keeps its model's weights in bf16 (fill_ds_config's `bf16`)."""
+    return bool(ds and ds.get("bf16", {}).get("enabled") is True)
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:

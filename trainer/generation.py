@@ -107,4 +107,5 @@ def _partitioned_inference_config(cfg: Config, model_path: str, dist: DistInfo) 
     if dist.world_size == 1 or distributed.zero_stage(distributed.load_ds_config(cfg.deepspeed.config)) != 3:
         return None
     return distributed.inference_ds_config(cfg.deepspeed.config, dist.world_size,
-                                           hidden_size=hidden_size_of(cfg.model, model_path))
+                                           hidden_size=hidden_size_of(cfg.model, model_path),
+                                           bf16=distributed.use_bf16(cfg.precision, dist.device))

@@ -3,9 +3,11 @@
     lastmile plan --config trainer/configs/demo.yaml
     lastmile plan --config trainer/configs/scitldr.yaml --shape 7b --gpus 8 --gpu-mem 80 --nodes 2
 
-What is counted is what the code holds today: every model's weights in fp32 (precision=bf16 runs the
-forward passes under autocast; DeepSpeed's own bf16 stays off), AdamW's two fp32 moments for a trained
-model, fp32 gradients; ZeRO stage 1 partitions the optimizer state across ranks, stage 2 the gradients
+What is counted is what the code holds: in fp32 (precision=fp32, or `auto` on a CPU without native
+bf16) every model's weights in fp32, DeepSpeed's fp32 optimizer-side copy, AdamW's two fp32 moments for
+a trained model, fp32 gradients; with bf16 (`precision=bf16`, or `auto` on a GPU) DeepSpeed's bf16
+layout (`mixed`): bf16 weights, frozen models included, and bf16 gradients beside fp32 master weights,
+moments and gradient partitions, bf16 activations. ZeRO stage 1 partitions the optimizer state across ranks, stage 2 the gradients
 too, stage 3 the weights too (frozen models included). An offloaded optimizer (and with it its fp32
 gradients) or offloaded weights live in host memory instead of the device. Activations are counted per
 micro-batch at the configured lengths (`activations` below), the KV cache and the kept per-step logits
@@ -142,6 +144,11 @@ class ZeroSettings:
     offload_optimizer: bool
     offload_params: bool
     gather: str  # generation under ZeRO-3: "all" (the whole actor at once) or "layer"
+    mixed: bool = False  # DeepSpeed's bf16: 16-bit weights (and gradients), fp32 master weights and moments
+
+    @property
+    def weight_bytes(self) -> int:
+        return 2 if self.mixed else 4
 
     @classmethod
     def from_ds(cls, ds: dict, gather: str = "auto", *, world: int = 1) -> ZeroSettings:
@@ -202,6 +209,7 @@ def model_states(params: int, *, trained: bool, z: ZeroSettings, world: int, mix
     partitions). `mixed`: DeepSpeed's bf16/fp16 layout, as its estimators count it: 16-bit weights
     (partitioned only at ZeRO-3), fp32 master weights, moments and gradient partition."""
     shard = lambda n: math.ceil(n / world) if z.stage >= 1 else n  # noqa: E731
+    mixed = mixed or z.mixed
     w_bytes = 2 if mixed else 4
     weights = params * w_bytes if z.stage < 3 else math.ceil(params * w_bytes / world)
     rows = [Row("weights", 0 if z.offload_params else weights, weights if z.offload_params else 0)]
@@ -220,6 +228,7 @@ def gradients(params: int, *, z: ZeroSettings, world: int, mixed: bool = False) 
     fp32 partition the optimizer reads, and at ZeRO-2 also the 16-bit partition it is converted from
     (ZeRO-3 reduces 16-bit gradients in small buckets straight into the fp32 partition)."""
     shard = lambda n: n if z.stage < 2 else math.ceil(n / world)  # noqa: E731
+    mixed = mixed or z.mixed
     grads = shard(params * 4) + (shard(params * 2) if mixed and z.stage < 3 else 0)
     return Row("gradients", 0 if z.offload_optimizer else grads, grads if z.offload_optimizer else 0)
 
@@ -307,9 +316,21 @@ def _train_stage(name: str, shape: ModelShape, params: int, t, lengths: Lengths,
                            Row("activations", activations(shape, tokens, seq=lengths.sequence, trained=True,
                                                           bytes_per=act_bytes))]
     if z.stage == 3:
-        sp.phases["update"].append(Row("gathered layers (prefetch)", 2 * 4 * shape.layer_params))
+        sp.phases["update"].append(Row("gathered layers (prefetch)", 2 * z.weight_bytes * shape.layer_params))
     sp.seconds_per_step = _flops_seconds(6 * params * t.batch_size * sequences_per_item * lengths.sequence, hw)
     return sp
+
+
+def settings(cfg, ds: dict, hw: Hardware) -> ZeroSettings:
+    """The layout a run of `cfg` has on `hw`: ZeRO stage, offload and gathering from `ds`, and DeepSpeed's
+    bf16 (`mixed`) where `precision` gives bf16 on that device (`distributed.use_bf16`; GPUs: anything but
+    fp32)."""
+    import torch
+
+    from lastmile.distributed import use_bf16
+
+    bf16 = cfg.precision != "fp32" if hw.gpu else use_bf16(cfg.precision, torch.device("cpu"))
+    return replace(ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world), mixed=bf16)
 
 
 def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: dict, *,
@@ -317,16 +338,11 @@ def plan_memory(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], d
     """Per stage of the command, memory per rank and seconds per optimizer step (or PPO iteration).
     `shape` is the trained model's; `reward` the reward model's (and the critic's started from it) where
     it differs (default: `shape`, as when the reward model starts from the SFT model)."""
-    reward = reward or shape
     from lastmile.config import plan_ppo
-    from lastmile.distributed import use_bf16
 
-    import torch
-
-    device = torch.device("cuda" if hw.gpu else "cpu")
-    bf16 = use_bf16(cfg.precision, device) if not hw.gpu else cfg.precision != "fp32"
-    act = 2 if bf16 else 4
-    z = ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world)
+    reward = reward or shape
+    z = settings(cfg, ds, hw)
+    act = 2 if z.mixed else 4
     out = []
     for stage in stages:
         if stage == "sft":
@@ -375,9 +391,11 @@ def _generation_rows(shape: ModelShape, batch: int, lengths: Lengths, z: ZeroSet
     if keep_logits:  # hybrid_engine asks generate() for every step's logits (B, V) in fp32
         rows.append(Row("per-step logits", lengths.response * batch * shape.vocab * 4))
     if z.gather == "all":
-        rows.append(Row("gathered actor (generation_gather=all)", 4 * shape.params - math.ceil(4 * shape.params / hw.world)))
+        w = z.weight_bytes
+        rows.append(Row("gathered actor (generation_gather=all)", w * shape.params - math.ceil(w * shape.params / hw.world)))
     elif z.gather == "layer":
-        rows.append(Row("gathered layer (generation_gather=layer)", 4 * max(shape.layer_params, shape.embedding_params)))
+        rows.append(Row("gathered layer (generation_gather=layer)",
+                        z.weight_bytes * max(shape.layer_params, shape.embedding_params)))
     return rows
 
 
@@ -408,8 +426,8 @@ def _ppo_stage(cfg, shape: ModelShape, reward: ModelShape, hw: Hardware, z: Zero
     if z.stage == 3:
         # layers are gathered one at a time (and the next prefetched); the output embedding is the log-prob
         # head's external parameter (TokenLogprobModel), whole for the entire forward and backward
-        gathered = [Row("gathered layers (prefetch)", 2 * 4 * shape.layer_params),
-                    Row("gathered output embedding", 4 * shape.embedding_params)]
+        gathered = [Row("gathered layers (prefetch)", 2 * z.weight_bytes * shape.layer_params),
+                    Row("gathered output embedding", z.weight_bytes * shape.embedding_params)]
         upd += gathered
         scoring += gathered
     sp.phases["update"] = upd
@@ -462,7 +480,7 @@ def verdict(cfg, shape: ModelShape, hw: Hardware, stages: tuple[str, ...], ds: d
     """The plan, whether its peak fits 90% of each rank's memory, and settings that would make it fit."""
     plans = plan_memory(cfg, shape, hw, stages, ds, reward=reward)
     peak, budget = _peak(plans, hw), budget_per_rank(hw)
-    z = ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world)
+    z = settings(cfg, ds, hw)
     if budget is None:
         return plans, Verdict("unknown (no memory budget: pass --gpu-mem, or --host-mem for CPU ranks)", peak, None)
     if peak <= 0.9 * budget:
@@ -537,6 +555,7 @@ def describe(plans: list[StagePlan], v: Verdict, shape: ModelShape, hw: Hardware
              + (" with optimizer offload" if z.offload_optimizer else "") + (" and parameter offload" if z.offload_params
                                                                              else "")
              + ("" if z.gather == "none" else f", generation_gather={z.gather}")
+             + (", bf16 weights with fp32 master weights" if z.mixed else ", fp32 weights")
              + (f"; reward model {reward.name} ({reward.params / 1e6:,.0f}M)" if reward else "")]
     for sp in plans:
         lines.append(f"  {sp.stage}: peak {(sp.peak_device + (0 if hw.gpu else sp.peak_host)) / GiB:.2f} GiB per rank"

@@ -177,7 +177,8 @@ def partitioned_loading(ds: dict | None):
 
 def load_causal_lm(cfg: ModelConfig, device: torch.device, *, seed: int, path: str | None = None,
                    ds: dict | None = None, field: str = "the model"):
-    """A causal LM in fp32 (training runs under autocast), pretrained or random per `cfg`.
+    """A causal LM in fp32, or in bf16 when `ds` keeps bf16 weights (`weights_dtype`), pretrained or random
+    per `cfg`; forward passes run under autocast.
 
     `path` overrides `cfg.path` (e.g. a checkpoint written by an earlier stage). With a ZeRO-3 `ds`
     config the model is created partitioned across ranks. Random weights depend on `seed` (the run's
@@ -194,11 +195,19 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device, *, seed: int, path: s
     with partitioned_loading(ds), _load_errors(field, path or cfg.path):
         if cfg.random_init and path is None:  # partitioned under ZeRO-3: no rank holds the whole model
             with seeding.seeded(seed, stage="model_init", device=device):
-                model = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32, **kwargs)
+                model = AutoModelForCausalLM.from_config(hf_config, dtype=weights_dtype(ds), **kwargs)
             seeded_init(model, seed, std=getattr(hf_config, "initializer_range", 0.02))
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, config=hf_config, dtype=weights_dtype(ds), **kwargs)
     return model, attn
+
+
+def weights_dtype(ds: dict | None) -> torch.dtype:
+    """bf16 when the DeepSpeed config the model is loaded with keeps bf16 weights (precision=bf16 on a
+    device that has it: `distributed.fill_ds_config`), else fp32 (forward passes then run under autocast)."""
+    from lastmile.distributed import bf16_enabled
+
+    return torch.bfloat16 if bf16_enabled(ds) else torch.float32
 
 
 def seeded_init(model: torch.nn.Module, seed: int, *, std: float) -> None:
@@ -498,7 +507,7 @@ def load_reward_backbone(cfg: ModelConfig, path: str, device: torch.device, pad_
     source = resolve_model_path(path, field=field)
     with seeding.seeded(seed, stage="reward_head", device=device), partitioned_loading(ds), _load_errors(field, path):
         rm = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=1, dtype=torch.float32, attn_implementation=attn.implementation,
+            source, num_labels=1, dtype=weights_dtype(ds), attn_implementation=attn.implementation,
             trust_remote_code=cfg.trust_remote_code,
         )
     rm.config.pad_token_id = pad_token_id

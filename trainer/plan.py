@@ -289,6 +289,5 @@ def print_memory_plan(cfg: Config, args) -> int:
     ds = load_ds_config(cfg.deepspeed.config)
     plans, v = mp.verdict(cfg, shape, hw, STAGES[args.for_command], ds, reward=reward)
     print(run.describe())
-    print(mp.describe(plans, v, shape, hw, mp.ZeroSettings.from_ds(ds, cfg.deepspeed.generation_gather, world=hw.world),
-                      reward=reward))
+    print(mp.describe(plans, v, shape, hw, mp.settings(cfg, ds, hw), reward=reward))
     return 0 if v.fits.startswith("fits") or v.budget is None else 3

@@ -153,7 +153,8 @@ def _sampling_models(cfg: Config, dist: DistInfo, init: str, rm_path: str, token
     """The init model (generation only) and the reward model, frozen, as PPO's rollout takes them
     (ppo_setup.build); best-of-n has no trained actor, reference or critic."""
     ds = distributed.inference_ds_config(cfg.deepspeed.config, dist.world_size,
-                                         hidden_size=hidden_size_of(cfg.model, init))
+                                         hidden_size=hidden_size_of(cfg.model, init),
+                                         bf16=distributed.use_bf16(cfg.precision, dist.device))
     lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=init, ds=ds, field="best_of_n.init")
     actor = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
                          gather=cfg.deepspeed.generation_gather, world_size=dist.world_size)

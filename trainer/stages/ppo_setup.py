@@ -121,7 +121,8 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
         raise ConfigError(problem)
     total_steps = o.iterations * plan.steps_per_iteration
     hidden = hidden_size_of(cfg.model, None if from_base else init)
-    ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden)
+    bf16 = distributed.use_bf16(cfg.precision, dist.device)  # bf16 weights, fp32 master weights and moments
+    ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden, bf16=bf16)
     actor_lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init,
                                     ds=ds_actor)
     if o.lora.r:
@@ -139,7 +140,8 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     rm = distributed.inference_engine(ScalarRewardModel(rm_model), ds_actor, dist.device)
     critic, stats = None, reward_stats(rm_path)
     if o.advantage == "gae":
-        ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden)
+        ds_critic = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.critic_optim(), hidden_size=hidden,
+                                              bf16=bf16)
         critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id,
                                                 seed=cfg.seed, ds=ds_critic)
         w = o.reward.rm_weight  # values in the reward's units (see ValueModel)
@@ -151,7 +153,7 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
                            rm_stats=stats, device=dist.device, precision=cfg.precision,
                            micro_batch=o.micro_batch_size,
                            shared_prefix=uses_shared_prefix(o, attn.implementation))
-    old_logprobs = resolve_old_logprobs(o, plan, bf16=distributed.use_bf16(cfg.precision, dist.device))
+    old_logprobs = resolve_old_logprobs(o, plan, bf16=bf16)
     trained = sum(getattr(p, "ds_numel", p.numel()) for p in actor_lm.parameters() if p.requires_grad)
     runtime = {"attention": attn.implementation, "world_size": dist.world_size, "generation_gather": hybrid.gather,
                "trained_parameters": trained, "reference": "actor with adapters off" if o.lora.r else "frozen copy",

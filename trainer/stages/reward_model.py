@@ -71,7 +71,8 @@ def run(cfg: Config) -> Path:
     total_steps = sampling.total_steps(cfg.rm, len(train), plan, field_prefix="rm", unit="pairs")
 
     ds = distributed.ds_config_for(cfg.deepspeed.config, plan, cfg.rm.optim(),
-                                   hidden_size=hidden_size_of(cfg.model, None if init == cfg.model.path else init))
+                                   hidden_size=hidden_size_of(cfg.model, None if init == cfg.model.path else init),
+                                   bf16=distributed.use_bf16(cfg.precision, dist.device))
     rm, attn = load_reward_backbone(cfg.model, init, dist.device, tokenizer.pad_token_id, seed=cfg.seed, ds=ds)
     engine = distributed.build_engine(ScalarRewardModel(rm), ds, cfg.rm.optim(), total_steps=total_steps)
     if dist.is_main:

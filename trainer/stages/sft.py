@@ -63,7 +63,8 @@ def fine_tune(cfg: Config, start: common.StageStart, settings: SFTConfig, tokeni
     plan = plan_batches(settings.batch_size, settings.micro_batch_size, dist.world_size)
     total_steps = sampling.total_steps(settings, len(train), plan, field_prefix="sft", unit="examples")
     ds = distributed.ds_config_for(cfg.deepspeed.config, plan, settings.optim(),
-                                   hidden_size=hidden_size_of(cfg.model, init))
+                                   hidden_size=hidden_size_of(cfg.model, init),
+                                   bf16=distributed.use_bf16(cfg.precision, dist.device))
     lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=init, ds=ds)
     if dist.is_main:
         log.info("ranks: %d; attention: %s (%s); logprob impl: %s; %d parameters", dist.world_size,

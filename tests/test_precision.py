@@ -1,0 +1,89 @@
+"""precision=bf16: DeepSpeed's bf16 (bf16 weights and gradients, fp32 master weights and AdamW moments),
+frozen models loaded in bf16, and the memory plan counting that layout. CPU runs bf16 (emulated where
+it has no native support), so the path is tested here; its speed is a GPU matter."""
+
+import pytest
+import torch
+
+from lastmile import distributed
+from lastmile import memory_plan as mp
+from lastmile.config import OptimSettings, load_config, plan_batches
+from lastmile.models import TokenLogprobModel, load_causal_lm
+
+from conftest import ROOT, TINY, run_cli
+
+OPTIM = OptimSettings(lr=1e-2, weight_decay=0.0, warmup_steps=0, schedule="constant", max_grad_norm=1.0)
+
+
+def test_bf16_is_the_precision_settings_and_not_the_jsons():
+    raw = distributed.load_ds_config("zero2")
+    on = distributed.fill_ds_config(raw, plan_batches(4, 2, 1), max_grad_norm=1.0, hidden_size=64, bf16=True)
+    off = distributed.fill_ds_config(raw, plan_batches(4, 2, 1), max_grad_norm=1.0, hidden_size=64)
+    assert on["bf16"] == {"enabled": True} and on["fp16"] == {"enabled": False}
+    assert off["bf16"] == {"enabled": False} and distributed.bf16_enabled(on) and not distributed.bf16_enabled(off)
+    assert distributed.use_bf16("bf16", torch.device("cpu")) and not distributed.use_bf16("fp32", torch.device("cpu"))
+    from lastmile.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="bf16.enabled"):
+        distributed.fill_ds_config({"bf16": {"enabled": True}}, plan_batches(4, 2, 1), max_grad_norm=1.0, hidden_size=8)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_engine_keeps_fp32_master_weights_and_moments(stage):
+    """A trained model under precision=bf16: loaded in bf16, bf16 in the module, fp32 master weights
+    and AdamW moments in the optimizer, and two steps move the weights; a frozen model loads in bf16."""
+    distributed.setup()
+    cfg = load_config(TINY)
+    ds = distributed.ds_config_for(f"zero{stage}", plan_batches(4, 2, 1), OPTIM, hidden_size=64, bf16=True)
+    lm, _ = load_causal_lm(cfg.model, torch.device("cpu"), seed=0, ds=ds)
+    assert all(p.dtype == torch.bfloat16 for p in lm.parameters())
+    engine = distributed.build_engine(TokenLogprobModel(lm, logprob_impl="chunked"), ds, OPTIM, total_steps=4)
+    opt = engine.optimizer
+    masters = opt.single_partition_of_fp32_groups if stage == 2 else opt.fp32_partitioned_groups_flat
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    before = [m.clone() for m in masters]
+    ids = torch.randint(10, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    for _ in range(2):
+        loss = -engine(ids, mask, mask, reduction="sum") / 10
+        engine.backward(loss)
+        engine.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, masters))
+    moments = [s["exp_avg"] for s in opt.optimizer.state.values()]
+    assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert all(p.dtype == torch.bfloat16 for p in engine.module.parameters())
+    frozen, _ = load_causal_lm(cfg.model, torch.device("cpu"), seed=0, ds=ds)
+    ref = distributed.inference_engine(TokenLogprobModel(frozen, logprob_impl="chunked"), ds, torch.device("cpu"))
+    assert all(p.dtype == torch.bfloat16 for p in ref.parameters())
+
+
+def test_the_plan_counts_the_bf16_layout():
+    """precision=bf16: 2 bytes a weight for every model (frozen ones too), DeepSpeed's mixed layout for the
+    trained ones (fp32 master and moments), against 4 bytes and the fp32 layout for precision=fp32."""
+    shape, hw, zero2 = mp.SHAPES["135m"], mp.Hardware(1, 1, None, None), {"zero_optimization": {"stage": 2}}
+    rows = {}
+    for precision in ("bf16", "fp32"):
+        cfg = load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"), [f"precision={precision}",
+                                                                          "ppo.advantage=gae", "ppo.samples_per_prompt=1",
+                                                                          "ppo.minibatch_size=8"])
+        (ppo,) = mp.plan_memory(cfg, shape, hw, ("ppo",), zero2)
+        rows[precision] = {r.what: r.device for r in ppo.resident}
+        assert mp.settings(cfg, zero2, hw).mixed == (precision == "bf16")
+    for role in ("actor", "reference", "critic", "reward model"):
+        assert rows["bf16"][f"{role} weights"] * 2 == rows["fp32"][f"{role} weights"], role
+    mixed = mp.model_states(shape.params, trained=True, z=mp.ZeroSettings(2, False, False, "none", mixed=True), world=1)
+    assert rows["bf16"]["actor optimizer states"] == mixed[1].device == shape.params * 12  # master 4 + moments 8
+
+
+@pytest.mark.slow  # 80 s of emulated bf16 on 2 cores: `make test-slow`
+def test_tiny_pipeline_in_bf16_publishes_bf16_models(tmp_path):
+    from safetensors import safe_open
+
+    proc = run_cli("pipeline", "--config", str(TINY), "precision=bf16", f"output_dir={tmp_path}",
+                   "tracking.enabled=false")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sft", "reward_model", "ppo"):
+        with safe_open(str(tmp_path / stage / "model" / "model.safetensors"), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16, stage
+    assert (tmp_path / "report" / "report.md").is_file()
