@@ -280,6 +280,11 @@ class PPOConfig:
     compares those with the update's forward. It needs epochs=1 and minibatch_size equal to the rollout.
     `auto`: `update` where it applies and the forwards run in fp32 (generation and training log-probs
     then agree to about 1e-5), else `forward`."""
+    gradient_checkpointing: bool = False
+    """Keep only each layer's input during the actor's (and critic's) update forward and recompute the
+    rest in the backward (transformers' non-reentrant checkpointing): the same gradients, about 3x less
+    update activation memory, about a third more update time. Generation and the frozen forwards are
+    not affected."""
     shared_prefix: bool = True
     """Process each prompt once for its samples (samples_per_prompt > 1). Generation prefills each prompt
     once and copies its key/value cache to the samples. The reference, reward-model and critic forwards

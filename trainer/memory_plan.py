@@ -240,7 +240,8 @@ def trained_states_bytes(params: int, *, z: ZeroSettings, world: int, mixed: boo
     return sum(r.device for r in rows), sum(r.host for r in rows)
 
 
-def activations(shape: ModelShape, tokens: int, *, seq: int, trained: bool, bytes_per: int) -> int:
+def activations(shape: ModelShape, tokens: int, *, seq: int, trained: bool, bytes_per: int,
+                checkpointed: bool = False) -> int:
     """The peak of one forward and backward (`trained`) over `tokens` = micro-batch x sequence length, or
     the largest live set of a no-grad forward. Per layer and token, 12 H + 6 I values: fitted to the
     measured peak above a model's gradients (2026-12-06, CPU, fp32, SDPA: SmolLM2-135M 2.1 MB a token,
@@ -251,6 +252,9 @@ def activations(shape: ModelShape, tokens: int, *, seq: int, trained: bool, byte
     logits_chunk = tokens * 4096 * 4 * 2  # a chunk's logits and their softmax, fp32
     if not trained:  # one layer's working set at a time, and the hidden states in and out
         return tokens * (per_token_layer + 2 * shape.hidden) * bytes_per + logits_chunk
+    if checkpointed:  # every layer's input kept, one layer's working set rebuilt at a time in the backward
+        return tokens * (shape.layers * shape.hidden + per_token_layer) * bytes_per + tokens * shape.hidden * 4 \
+            + logits_chunk
     return tokens * shape.layers * per_token_layer * bytes_per + tokens * shape.hidden * 4 + logits_chunk
 
 
@@ -399,6 +403,17 @@ def _generation_rows(shape: ModelShape, batch: int, lengths: Lengths, z: ZeroSet
     return rows
 
 
+def _ppo_micro_batch_tokens(cfg, lengths: Lengths) -> int:
+    """Tokens in one micro-batch of PPO's forwards: rows x (prompt + response), or with ppo.shared_prefix
+    (samples_per_prompt > 1; off with flash_attention_2) each prompt once for its samples in the micro-batch."""
+    o = cfg.ppo
+    k = o.samples_per_prompt
+    if o.shared_prefix and k > 1 and cfg.model.attn_implementation != "flash_attention_2":
+        groups = math.ceil(o.micro_batch_size / k)  # groups stay whole where the micro-batch allows
+        return groups * lengths.prompt + o.micro_batch_size * lengths.response
+    return o.micro_batch_size * lengths.sequence
+
+
 def _ppo_stage(cfg, shape: ModelShape, reward: ModelShape, hw: Hardware, z: ZeroSettings, p, act: int) -> StagePlan:
     o = cfg.ppo
     lengths = _lengths(cfg, o.max_new_tokens)
@@ -416,11 +431,12 @@ def _ppo_stage(cfg, shape: ModelShape, reward: ModelShape, hw: Hardware, z: Zero
         for r in model_states(params, trained=trained, z=z, world=hw.world):
             sp.resident.append(Row(f"{role} {r.what}", r.device, r.host))
     sp.phases["generation"] = _generation_rows(shape, p.rollout_per_rank, lengths, z, hw, act, keep_logits=True)
-    tokens = o.micro_batch_size * lengths.sequence
+    tokens = _ppo_micro_batch_tokens(cfg, lengths)
     # the actor's and the critic's steps alternate per micro-batch, so both models' gradients are live
     upd = [Row(f"{role} gradients", *_place([gradients(params, z=z, world=hw.world)]))
            for role, params, trained in roles if trained]
-    upd.append(Row("actor activations", activations(shape, tokens, seq=lengths.sequence, trained=True, bytes_per=act)))
+    upd.append(Row("actor activations", activations(shape, tokens, seq=lengths.sequence, trained=True, bytes_per=act,
+                                                    checkpointed=o.gradient_checkpointing)))
     scoring = [Row("frozen forward", max(activations(s, tokens, seq=lengths.sequence, trained=False, bytes_per=act)
                                          for s in (shape, reward)))]
     if z.stage == 3:

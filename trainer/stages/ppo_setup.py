@@ -125,6 +125,8 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
     ds_actor = distributed.ds_config_for(cfg.deepspeed.config, plan.train, o.actor_optim(), hidden_size=hidden, bf16=bf16)
     actor_lm, attn = load_causal_lm(cfg.model, dist.device, seed=cfg.seed, path=None if from_base else init,
                                     ds=ds_actor)
+    if o.gradient_checkpointing:
+        checkpoint_activations(actor_lm)
     if o.lora.r:
         actor_lm = lora.add_adapters(actor_lm, o.lora)
     actor_engine = distributed.build_engine(TokenLogprobModel(actor_lm, logprob_impl=o.logprob_impl), ds_actor,
@@ -145,6 +147,8 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
         critic_model, _ = load_reward_backbone(cfg.model, rm_path, dist.device, tokenizer.pad_token_id,
                                                 seed=cfg.seed, ds=ds_critic)
         w = o.reward.rm_weight  # values in the reward's units (see ValueModel)
+        if o.gradient_checkpointing:
+            checkpoint_activations(critic_model)
         critic_model = ValueModel(critic_model, scale=w / stats["std"], shift=-w * stats["mean"] / stats["std"])
         critic = distributed.build_engine(critic_model, ds_critic, o.critic_optim(), total_steps=total_steps)
     hybrid = HybridEngine(actor_engine, actor_lm, ds_actor, dist.device, gather=cfg.deepspeed.generation_gather,
@@ -164,6 +168,12 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
         log.info("PPO: %s; train prompts: %s", ", ".join(f"{k} {v}" for k, v in runtime.items()), report.describe())
     return Setup(plan, models, actor_lm, ds_actor, prompts, examples, dev_prompts, dev_examples, runtime,
                  old_logprobs=old_logprobs)
+
+
+def checkpoint_activations(model) -> None:
+    """ppo.gradient_checkpointing: transformers' checkpointing of every decoder layer, non-reentrant (it
+    needs no input that requires grad, so frozen embeddings and LoRA work); active in training mode only."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def uses_shared_prefix(o: PPOConfig, attention: str) -> bool:
