@@ -268,11 +268,12 @@ def test_gradient_checkpointing_gives_the_same_update(dist):
 
     base, _ = load_causal_lm(load_config(TINY).model, torch.device("cpu"), seed=0)
     plain = _update_gradients(4, 2, copy.deepcopy(base))
-    lm = copy.deepcopy(base)
+    lm = copy.deepcopy(base).eval()  # as from_pretrained returns it
     checkpoint_activations(lm)
+    assert lm.training
     saved = {}
     ids = torch.randint(10, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
-    for name, model in (("plain", copy.deepcopy(base).train()), ("checkpointed", copy.deepcopy(lm).train())):
+    for name, model in (("plain", copy.deepcopy(base).eval()), ("checkpointed", copy.deepcopy(lm))):
         n = [0]
         with torch.autograd.graph.saved_tensors_hooks(lambda t: n.__setitem__(0, n[0] + t.numel()) or t, lambda t: t):
             model.model(input_ids=ids).last_hidden_state.sum()

@@ -14,6 +14,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from lastmile_kernels.logprob import resolve_impl
 from lastmile import checkpoint, distributed, lora
 from lastmile.config import Config, PPOConfig, PPOPlan
@@ -172,8 +174,21 @@ def build(cfg: Config, dist: DistInfo) -> Setup:
 
 def checkpoint_activations(model) -> None:
     """ppo.gradient_checkpointing: transformers' checkpointing of every decoder layer, non-reentrant (it
-    needs no input that requires grad, so frozen embeddings and LoRA work); active in training mode only."""
+    needs no input that requires grad, so frozen embeddings and LoRA work). transformers checkpoints only
+    in training mode, and `from_pretrained` returns a model in eval mode: the model is put in training
+    mode with every dropout at 0 (PPO trains without dropout, as TRL does), so its outputs are the eval
+    mode's. Generation still runs in eval mode (hybrid_engine), and no-grad forwards keep nothing."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+    for module in model.modules():  # attention layers copy attention_dropout from the config when built
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
 
 
 def uses_shared_prefix(o: PPOConfig, attention: str) -> bool:
