@@ -125,6 +125,7 @@ def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_ppo_stops_on_an_alarm_and_publishes_the_best_checkpoint(tiny_pipeline, tmp_path):
     """ppo.stop_on_alarm: the first in-loop evaluation after an alarm (here: summaries shorter than
     ppo.length_alarm_low x the references) stops the run, and the best dev checkpoint so far becomes
@@ -148,6 +149,7 @@ def test_ppo_stops_on_an_alarm_and_publishes_the_best_checkpoint(tiny_pipeline, 
     AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_critic_free_ppo_trains_end_to_end_without_a_critic(tiny_pipeline, tmp_path):
     """`ppo.advantage=rloo`: no critic is built, trained or saved; the policy still updates, the run
     evaluates, checkpoints and publishes a model transformers loads. One epoch in one minibatch, so the

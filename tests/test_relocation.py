@@ -27,6 +27,7 @@ def _store_paths(db: Path) -> list[str]:
             "UNION ALL SELECT value FROM tags WHERE key = 'lastmile.output_dir'")]
 
 
+@pytest.mark.slow  # kept out of the default run's 8 minutes: `make test-slow`
 def test_a_copied_output_dir_reads_and_writes_only_inside_itself(tiny_sft_run, tmp_path):
     orig, copy = tmp_path / "orig", tmp_path / "copy"
     # without the evaluations other tests may have left in the shared run folder: eval/sft is this test's
