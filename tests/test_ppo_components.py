@@ -110,17 +110,11 @@ def _fake_rollout(n=8, P=5, R=6, seed=1):
                    scores=torch.randn(n, generator=g))
 
 
-def _update_gradients(micro: int, accum: int, lm, *, old_from: str = "given",
-                      record: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The actor's gradients at the optimizer step (before clipping and the step itself), read through
-    the real ZeRO-3 engine with `safe_get_full_grad` while one PPO update runs. `old_from`: the fake
-    rollout's old log-probs (`given`), a separate training forward (`forward`), or none, so that the
-    update's own forward gives them (`update`, into `record`)."""
+def capture_step_gradients(engine) -> dict[str, torch.Tensor]:
+    """A dict that receives the engine's full gradients (ZeRO-3's `safe_get_full_grad`) at each optimizer
+    step, before clipping and the step itself."""
     from deepspeed.utils import safe_get_full_grad
 
-    from lastmile.stages import ppo
-
-    engine, lm, ds = _engine(3, micro, accum, lm=lm)
     grads: dict[str, torch.Tensor] = {}
     real_step = engine.step
 
@@ -130,6 +124,19 @@ def _update_gradients(micro: int, accum: int, lm, *, old_from: str = "given",
         real_step()
 
     engine.step = step
+    return grads
+
+
+def _update_gradients(micro: int, accum: int, lm, *, old_from: str = "given",
+                      record: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The actor's gradients at the optimizer step (before clipping and the step itself), read through
+    the real ZeRO-3 engine with `safe_get_full_grad` while one PPO update runs. `old_from`: the fake
+    rollout's old log-probs (`given`), a separate training forward (`forward`), or none, so that the
+    update's own forward gives them (`update`, into `record`)."""
+    from lastmile.stages import ppo
+
+    engine, lm, ds = _engine(3, micro, accum, lm=lm)
+    grads = capture_step_gradients(engine)
     cfg = load_config(TINY, ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.clip_range=0.2", "ppo.epochs=1"])
     plan = plan_ppo(8 // 2, 2, 8, micro, 1, 1)
     models = RolloutModels(None, engine, None, None, None, None, {}, torch.device("cpu"), "fp32", micro)

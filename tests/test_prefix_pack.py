@@ -13,7 +13,7 @@ from lastmile.config import load_config, plan_ppo
 from lastmile.data.prefix_pack import groups_of, pack_shared_prefix
 from lastmile.models import ScalarRewardModel, TokenLogprobModel, ValueModel, load_causal_lm, load_reward_backbone
 from lastmile.rollout import Rollout, RolloutModels, response_logprobs, response_values, reward_model_scores
-from test_ppo_components import _engine
+from test_ppo_components import _engine, capture_step_gradients
 
 EOS = 2
 
@@ -122,7 +122,6 @@ def test_reward_scores_and_values_equal_the_padded_rows():
 def test_update_gradients_equal_the_padded_rows():
     """One PPO update (ZeRO-3 engine, 2 micro-batches of 2 groups of 2): the actor's gradient at the
     optimizer step is the padded rows' gradient, element by element; the recorded log-probs equal."""
-    from deepspeed.utils import safe_get_full_grad
     from lastmile.stages import ppo
 
     distributed.setup()
@@ -131,15 +130,7 @@ def test_update_gradients_equal_the_padded_rows():
 
     def gradients(shared: bool):
         engine, _, _ = _engine(3, 4, 2, lm=copy.deepcopy(base))
-        grads = {}
-        real_step = engine.step
-
-        def step():
-            if engine.is_gradient_accumulation_boundary():
-                grads.update({n: safe_get_full_grad(p).detach().clone() for n, p in engine.module.named_parameters()})
-            real_step()
-
-        engine.step = step
+        grads = capture_step_gradients(engine)
         cfg = load_config(TINY, ["ppo.advantage=rloo", "ppo.samples_per_prompt=2", "ppo.epochs=1"])
         ctx = SimpleNamespace(cfg=cfg, plan=plan_ppo(4, 2, 8, 4, 1, 1), models=_models(4, shared, actor_engine=engine),
                               dist=SimpleNamespace(rank=0))
