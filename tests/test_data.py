@@ -1,12 +1,15 @@
 import json
 
 import pytest
+from pathlib import Path
 
 from lastmile.config import DataConfig, PromptConfig
 from lastmile.data.collate import collate_prompts, collate_sft
 from lastmile.data.prompts import PromptBuilder
 from lastmile.data.records import detokenize, load_split
 from lastmile.errors import DataError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write_jsonl(path, rows):
@@ -150,3 +153,34 @@ def test_split_parts_follow_a_fixed_rule_on_ids(tmp_path):
     assert {e.id for e in load_split(cfg, "validation@dev")} == expected
     assert splits_overlap("validation", "validation@report") and splits_overlap("validation@dev", "validation@dev")
     assert not splits_overlap("validation@dev", "validation@report") and not splits_overlap("validation", "test")
+
+
+def test_holdout_part_is_a_second_salted_rule(tmp_path):
+    import hashlib
+
+    from lastmile.config import splits_overlap
+
+    rows = [{"id": f"p{i}", "document": f"Doc {i}.", "summary": f"Sum {i}."} for i in range(200)]
+    _write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = DataConfig(source=str(tmp_path), holdout_fraction=0.15, holdout_salt="v2")
+    fit, held = load_split(cfg, "train@fit"), load_split(cfg, "train@holdout")
+    ids = {r["id"] for r in rows}
+    assert {e.id for e in fit} | {e.id for e in held} == ids and not {e.id for e in fit} & {e.id for e in held}
+    expected = {i for i in ids if int.from_bytes(hashlib.sha256(f"v2:{i}".encode()).digest()[:8], "big") < 0.15 * 2**64}
+    assert {e.id for e in held} == expected and 10 < len(expected) < 50
+    other_salt = {e.id for e in load_split(DataConfig(source=str(tmp_path), holdout_fraction=0.15), "train@holdout")}
+    assert other_salt != expected  # a new salt carves a new part
+    assert not splits_overlap("train@fit", "train@holdout")
+    assert splits_overlap("train@dev", "train@holdout") and splits_overlap("train", "train@holdout")
+
+
+def test_fitting_on_the_reported_split_or_an_unset_holdout_rule_is_refused():
+    from lastmile.config import load_config
+    from lastmile.errors import ConfigError
+
+    tiny = ROOT / "trainer" / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"data.train_split \(train\) overlaps data.eval_split \(train@holdout\)"):
+        load_config(tiny, ["data.train_split=train", "data.eval_split=train@holdout", "data.holdout_fraction=0.2"])
+    with pytest.raises(ConfigError, match=r"data.holdout_fraction \(None\) is not in \(0, 1\)"):
+        load_config(tiny, ["data.train_split=train@fit", "data.eval_split=train@holdout"])
+    load_config(tiny, ["data.train_split=train@fit", "data.eval_split=train@holdout", "data.holdout_fraction=0.2"])

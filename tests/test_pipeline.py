@@ -88,6 +88,23 @@ def test_rerun_skips_finished_stages_and_refuses_changed_data(tiny_pipeline, tmp
     assert "Use a new output_dir" in changed.stderr
 
 
+def test_best_of_n_joins_the_pipeline_and_its_report(tiny_pipeline, tmp_path):
+    """best_of_n.in_pipeline: the stage runs between the reward model and PPO (PPO, whose identity does not
+    depend on it, is skipped), and the report holds best-of-n raw and post-processed, compared with MLE and RL."""
+    out = tmp_path / "out"
+    shutil.copytree(tiny_pipeline[0], out, ignore=shutil.ignore_patterns("report*"))
+    proc = run_cli("pipeline", "--config", str(TINY), f"output_dir={out}", f"tracking.uri=sqlite:///{out}/mlflow.db",
+                   "best_of_n.in_pipeline=true", "best_of_n.samples_per_example=2", "best_of_n.max_new_tokens=8",
+                   "best_of_n.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "PPO already complete" in proc.stdout and (out / "best_of_n" / "model" / "config.json").is_file()
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert {"best-of-n", "best-of-n+post", "mle", "rl"} <= set(results["systems"])
+    assert {"best-of-n - mle", "rl - best-of-n", "rl+post - best-of-n+post"} <= set(results["comparisons"])
+    report = (out / "report" / "report.md").read_text()
+    assert "| best-of-n |" in report and "| rl - best-of-n |" in report
+
+
 @pytest.mark.slow  # the default run's fault trial (tests/test_faults.py) kills PPO mid-save and checks the same
 def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     """SIGKILL after the iteration-2 checkpoint; the rerun resumes there and ends with the same

@@ -22,7 +22,11 @@ import yaml
 from lastmile.errors import ConfigError
 
 OFFLINE_DEFAULT_MODEL = "smollm2-135m-instruct"
-SPLIT_PARTS = ("dev", "report")
+# Two fixed rules cut a split in two parts by example id: `dev`/`report` (data.dev_fraction) and
+# `fit`/`holdout` (data.holdout_fraction, salted by data.holdout_salt, so that its cut is independent of
+# the first). The two parts of one rule never share an example; parts of different rules may.
+PART_RULES = (("dev", "report"), ("fit", "holdout"))
+SPLIT_PARTS = tuple(p for rule in PART_RULES for p in rule)
 
 
 def split_part(split: str) -> tuple[str, str | None]:
@@ -32,9 +36,11 @@ def split_part(split: str) -> tuple[str, str | None]:
 
 
 def splits_overlap(a: str, b: str) -> bool:
-    """Whether two split names can share examples: the same split, unless they are its two parts."""
+    """Whether two split names can share examples: the same split, unless they are the two parts of one
+    rule (validation@dev and validation@report; train@fit and train@holdout)."""
     (base_a, part_a), (base_b, part_b) = split_part(a), split_part(b)
-    return base_a == base_b and not (part_a and part_b and part_a != part_b)
+    return base_a == base_b and not (part_a and part_b and part_a != part_b and
+                                     any({part_a, part_b} == set(rule) for rule in PART_RULES))
 
 
 @dataclass
@@ -80,6 +86,14 @@ class DataConfig:
     """The fixed rule behind `<split>@dev` / `<split>@report`: an example belongs to the dev part when
     sha256(its id) read as a fraction of 2**64 (first 8 bytes, big-endian) is below this, else to the
     report part. It depends on the id alone: not on file order, seed or limits."""
+    holdout_fraction: float | None = None
+    """The second rule, behind `<split>@fit` / `<split>@holdout`: an example belongs to the holdout part
+    when sha256(holdout_salt + ":" + its id), read as dev_fraction's rule reads it, is below this, else to
+    the fit part. For carving a fresh report part out of a training split that no stage fits on, e.g.
+    train_split=train@fit, eval_split=train@holdout. null: the rule is off (those parts are refused)."""
+    holdout_salt: str = "holdout"
+    """Salts holdout_fraction's hash, so that its cut is independent of dev_fraction's and of any other
+    salt's: a new salt carves a new holdout part."""
     id_field: str = "id"
     """The field holding each example's id (the row number when it is missing). Ids match predictions to
     examples and decide the `@dev`/`@report` part. Ignored for `aclsum`, whose fields are fixed."""
@@ -417,6 +431,9 @@ class BestOfNConfig:
     """Passes of the fine-tune over the kept summaries; default: sft.epochs."""
     lr: float | None = None
     """Peak AdamW learning rate of the fine-tune; default: sft.lr."""
+    in_pipeline: bool = False
+    """Run this stage in `lastmile pipeline` (after the reward model, before PPO) and report its model as
+    the system `best-of-n`, beside MLE and RL, in every table of the report."""
 
     def fine_tuning(self, sft: SFTConfig) -> SFTConfig:
         """SFT's training settings with this stage's epochs and lr where set."""
@@ -712,8 +729,16 @@ def validate(cfg: Config) -> list[str]:
     for name in ("train_split", "eval_split", "dev_split"):
         value = getattr(cfg.data, name)
         if "@" in value and value.rsplit("@", 1)[1] not in SPLIT_PARTS:
-            p.append(f"data.{name} ({value}) ends in an unknown part. Use <split>@dev or <split>@report, or a plain "
-                     "split name.")
+            p.append(f"data.{name} ({value}) ends in an unknown part. Use <split>@dev or <split>@report, "
+                     "<split>@fit or <split>@holdout (with data.holdout_fraction), or a plain split name.")
+        elif split_part(value)[1] in ("fit", "holdout") and not 0 < (cfg.data.holdout_fraction or 0) < 1:
+            p.append(f"data.{name} ({value}) takes a part of the holdout rule, but data.holdout_fraction "
+                     f"({cfg.data.holdout_fraction}) is not in (0, 1). Set data.holdout_fraction to the share of "
+                     "the split that @holdout takes, e.g. 0.15.")
+    if splits_overlap(cfg.data.train_split, cfg.data.eval_split):
+        p.append(f"data.train_split ({cfg.data.train_split}) overlaps data.eval_split ({cfg.data.eval_split}): the "
+                 "report would score examples the models were fitted on. Use another split for one of them, or the "
+                 "two parts of one split (train@fit and train@holdout with data.holdout_fraction).")
     positive("eval.max_examples", cfg.eval.max_examples)
     positive("eval.bootstrap_samples", cfg.eval.bootstrap_samples)
     g = cfg.eval.generation

@@ -1,4 +1,4 @@
-"""The whole pipeline in one command: SFT -> reward model -> PPO -> evaluation and the report.
+"""The whole pipeline in one command: SFT -> reward model -> [best-of-n] -> PPO -> evaluation and the report.
 
     lastmile pipeline --config trainer/configs/demo.yaml
     lastmile pipeline --config trainer/configs/tiny.yaml output_dir=D tracking.uri=sqlite:///D/mlflow.db
@@ -19,7 +19,7 @@ from pathlib import Path
 from lastmile import checkpoint, distributed, preemption, report, tracking
 from lastmile.config import Config, flatten, to_dict
 from lastmile.plan import check_run
-from lastmile.stages import ppo, reward_model, sft
+from lastmile.stages import best_of_n, ppo, reward_model, sft
 from lastmile.timing import trim_host_memory
 
 
@@ -30,7 +30,7 @@ def run(cfg: Config) -> dict:
     ids = distributed.gather_objects(parent)
     cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=ids[0]))
     try:
-        for stage in (sft, reward_model, ppo):
+        for stage in (sft, reward_model, *((best_of_n,) if cfg.best_of_n.in_pipeline else ()), ppo):
             stage.run(cfg)
             distributed.release_engines()  # the finished stage's engines, models and optimizer states
             gc.collect()

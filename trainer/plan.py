@@ -35,6 +35,12 @@ SPLITS = {"sft": ("train_split", "dev_split"), "reward-model": ("train_split", "
           "report": ("eval_split",)}
 
 
+def pipeline_stages(cfg: Config) -> tuple[str, ...]:
+    """The pipeline's stages: best-of-n joins them (before PPO) when best_of_n.in_pipeline is set."""
+    extra = ("best-of-n",) if cfg.best_of_n.in_pipeline else ()
+    return ("sft", "reward-model", *extra, "ppo", "report")
+
+
 @dataclass
 class RunPlan:
     command: str
@@ -77,7 +83,7 @@ def check_run(cfg: Config, command: str, world_size: int) -> RunPlan:
 def make_plan(cfg: Config, command: str, world_size: int) -> RunPlan:
     """The plan and its problems (none raised). Commands that train nothing (compare, ...) have an empty plan."""
     plan = RunPlan(command, world_size)
-    stages = STAGES.get(command, ())
+    stages = pipeline_stages(cfg) if command == "pipeline" else STAGES.get(command, ())
     for name in dict.fromkeys(f for stage in stages for f in SPLITS[stage]):
         plan.add(records.split_problem(cfg.data, name))
     describe = {"sft": _sft, "reward-model": _reward_model, "ppo": _ppo, "best-of-n": _best_of_n,

@@ -1,4 +1,5 @@
-"""The pipeline's final artifact: untuned, raw MLE, post-processed MLE, raw RL and post-processed RL
+"""The pipeline's final artifact: untuned, raw MLE, post-processed MLE, raw RL and post-processed RL (and
+best-of-n fine-tuning, raw and post-processed, when best_of_n.in_pipeline is set)
 on the same held-out examples (`data.eval_split`), every metric with paired bootstrap 95% intervals,
 training curves, and examples side by side. Written to <output_dir>/report/ (report.md, results.json,
 metrics.png, curves.png) and logged to the pipeline's parent run.
@@ -20,7 +21,7 @@ from lastmile.metrics import paired_bootstrap
 from lastmile.stages.evaluate import COMPARED, SystemSpec, evaluate_systems, write_results
 
 COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
-               ("rl+post", "rl"))
+               ("rl+post", "rl"), ("best-of-n", "mle"), ("rl", "best-of-n"), ("rl+post", "best-of-n+post"))
 TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "reward", "len/pred_words_mean", "len/ratio_mean",
          "repetition_share", "unfinished_share")
 EXAMPLES = 5
@@ -30,6 +31,8 @@ DRAWN = 10
 def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
     specs = [SystemSpec("mle", model=str(out / "sft" / "model")), SystemSpec("rl", model=str(out / "ppo" / "model"))]
+    if cfg.best_of_n.in_pipeline:  # the cheap baseline RL has to beat, as a system of its own
+        specs.insert(1, SystemSpec("best-of-n", model=str(out / "best_of_n" / "model")))
     if not cfg.model.random_init:  # a random-init run has no meaningful untuned model
         specs.insert(0, SystemSpec("untuned", model=cfg.model.path))
     folder = out / "report"

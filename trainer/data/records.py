@@ -49,10 +49,11 @@ def load_split(cfg: DataConfig, split: str, limit: int | None = None) -> list[Ex
     if name in (cfg.dev_split, cfg.eval_split):
         check_unique_ids(examples, cfg, name, where)
     if part is not None:
-        examples = [e for e in examples if in_dev_part(e.id, cfg.dev_fraction) == (part == "dev")]
+        examples = [e for e in examples if in_part(e.id, part, cfg)]
         if not examples:
-            raise DataError(f"{where}@{part} holds no examples with data.dev_fraction={cfg.dev_fraction}. Move "
-                            "data.dev_fraction away from 0 or 1.")
+            knob = "dev_fraction" if part in ("dev", "report") else "holdout_fraction"
+            raise DataError(f"{where}@{part} holds no examples with data.{knob}={getattr(cfg, knob)}. Move "
+                            f"data.{knob} away from 0 or 1.")
     return examples[:limit] if limit else examples
 
 
@@ -110,8 +111,25 @@ def count_rows(cfg: DataConfig, split: str) -> int | None:
 
 def in_dev_part(example_id: str, dev_fraction: float) -> bool:
     """The fixed rule of `<split>@dev`: sha256(id), first 8 bytes big-endian, as a fraction of 2**64."""
-    h = int.from_bytes(hashlib.sha256(example_id.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < dev_fraction
+    return _hash_fraction(example_id) < dev_fraction
+
+
+def in_holdout_part(example_id: str, holdout_fraction: float, salt: str) -> bool:
+    """The fixed rule of `<split>@holdout`: sha256(salt + ":" + id), read as `in_dev_part` reads it."""
+    return _hash_fraction(f"{salt}:{example_id}") < holdout_fraction
+
+
+def in_part(example_id: str, part: str, cfg: DataConfig) -> bool:
+    """Whether an example belongs to `part` (dev, report, fit or holdout) of its split."""
+    if part in ("dev", "report"):
+        return in_dev_part(example_id, cfg.dev_fraction) == (part == "dev")
+    if cfg.holdout_fraction is None:
+        raise DataError(f"The split part @{part} needs data.holdout_fraction (the share that @holdout takes).")
+    return in_holdout_part(example_id, cfg.holdout_fraction, cfg.holdout_salt) == (part == "holdout")
+
+
+def _hash_fraction(text: str) -> float:
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
 def to_examples(rows: Iterable[dict[str, Any]], cfg: DataConfig, where: str) -> list[Example]:
