@@ -76,6 +76,20 @@ def test_every_format_gives_the_same_predictions(published, tmp_path, capsys):
     assert got[".jsonl"] == got[".csv"] == got[".parquet"]
 
 
+def test_postprocessed_output_is_the_reports_post_processing(published, tmp_path, capsys, monkeypatch):
+    from lastmile import metrics
+
+    source = _write(tmp_path / "docs.jsonl", DOCS)
+    post = tmp_path / "post" / "docs+post.jsonl"
+    monkeypatch.setattr(metrics, "postprocess", lambda text: f"<{text}>")  # visible, whatever the tiny model writes
+    assert _predict(published, source, f"predict.postprocessed_output={post}") == 0, capsys.readouterr().err[-2000:]
+    raw = _lines(tmp_path / "docs.predictions.jsonl")
+    assert _lines(post) == [{"id": r["id"], "prediction": f"<{r['prediction']}>"} for r in raw]
+    post.unlink()  # a rerun with nothing left to generate still writes it
+    assert _predict(published, source, f"predict.postprocessed_output={post}") == 0
+    assert "already holds all 5 documents" in capsys.readouterr().out and len(_lines(post)) == 5
+
+
 def test_partial_output_is_completed_keeping_its_lines(published, tmp_path, monkeypatch, capsys):
     source = _write(tmp_path / "docs.jsonl", DOCS)
     out = tmp_path / "preds.jsonl"
@@ -155,6 +169,8 @@ BAD = [
      "is a folder. Predictions go to one JSONL file."),
     ("zero-batch", lambda f: [f"predict.input={f['good']}", "predict.batch_size=0"],
      "predict.batch_size (0) must be greater than 0."),
+    ("post-overwrites-input", lambda f: [f"predict.input={f['good']}", f"predict.postprocessed_output={f['good']}"],
+     "is the input or the output file. It would overwrite them."),
     ("foreign-output", lambda f: [f"predict.input={f['good']}", f"predict.output={f['txt']}"],
      "line(s) that lastmile predict did not write"),
 ]

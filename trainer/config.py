@@ -506,6 +506,10 @@ class PredictConfig:
     batch_size: int = 8
     """Documents generated together, then written and flushed to disk together: a kill loses at most
     one batch. Not part of what produced a prediction, so it may change between a run and its resume."""
+    postprocessed_output: str | None = None
+    """Also write the post-processed predictions here (the report's `+post` systems: each prediction
+    through `metrics.postprocess`), same lines in the same order, once every document has its
+    prediction. null: not written."""
 
 
 @dataclass

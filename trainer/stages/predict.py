@@ -52,6 +52,7 @@ def run(cfg: Config) -> Path:
     todo = [d for d in docs if d.id not in done]
     if not todo:
         print(f"Predictions: {output} already holds all {len(docs)} documents of {source}.", flush=True)
+        write_postprocessed(cfg.predict, output)
         return output
     dist = distributed.setup()
     tokenizer, lm, attn = load_generator(cfg, model, dist.device)
@@ -63,7 +64,24 @@ def run(cfg: Config) -> Path:
     if dist.is_main:
         print(f"Predictions: {output} ({len(docs)} documents: {len(todo)} generated now, {len(done)} kept; "
               f"{truncated} documents cut to prompt.max_document_tokens={cfg.prompt.max_document_tokens})", flush=True)
+        write_postprocessed(cfg.predict, output)
     return output
+
+
+def write_postprocessed(p: PredictConfig, output: Path) -> None:
+    """`predict.postprocessed_output`: every line of the finished `output` with its prediction
+    post-processed as the report's `+post` systems are, written atomically."""
+    if not p.postprocessed_output:
+        return
+    from lastmile.metrics import postprocess
+
+    rows = [json.loads(line) for line in output.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = "".join(json.dumps({"id": r["id"], "prediction": postprocess(r["prediction"])}, ensure_ascii=False) + "\n"
+                   for r in rows)
+    target = Path(p.postprocessed_output)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.write_text_atomic(target, text)
+    print(f"Post-processed predictions: {target}", flush=True)
 
 
 def check_settings(p: PredictConfig) -> tuple[str, Path, Path]:
@@ -91,6 +109,10 @@ def check_settings(p: PredictConfig) -> tuple[str, Path, Path]:
     elif output is not None and source is not None and output.resolve() == source.resolve():
         problems.append(f"predict.output ({output}) is the input file. Predictions would overwrite the documents. "
                         "Name another file.")
+    post = Path(p.postprocessed_output) if p.postprocessed_output else None
+    if post is not None and any(post.resolve() == x.resolve() for x in (source, output) if x is not None):
+        problems.append(f"predict.postprocessed_output ({post}) is the input or the output file. It would overwrite "
+                        "them. Name another file, e.g. predictions+post.jsonl.")
     if p.batch_size < 1:
         problems.append(f"predict.batch_size ({p.batch_size}) must be greater than 0. It is the number of documents "
                         "generated together. Set predict.batch_size=8.")
