@@ -88,6 +88,7 @@ def test_rerun_skips_finished_stages_and_refuses_changed_data(tiny_pipeline, tmp
     assert "Use a new output_dir" in changed.stderr
 
 
+@pytest.mark.slow  # 24 s: kept out of the default run's 8 minutes (`make test-slow`); the stage itself is in test_best_of_n
 def test_best_of_n_joins_the_pipeline_and_its_report(tiny_pipeline, tmp_path):
     """best_of_n.in_pipeline: the stage runs between the reward model and PPO (PPO, whose identity does not
     depend on it, is skipped), and the report holds best-of-n raw and post-processed, compared with MLE and RL."""
