@@ -106,7 +106,7 @@ def test_best_of_n_joins_the_pipeline_and_its_report(tiny_pipeline, tmp_path):
     assert "| best-of-n |" in report and "| rl - best-of-n |" in report
 
 
-@pytest.mark.slow  # the default run's fault trial (tests/test_faults.py) kills PPO mid-save and checks the same
+@pytest.mark.slow  # tests/test_faults.py's fault trials (also slow) kill PPO mid-save and check the same
 def test_ppo_killed_mid_run_resumes_to_the_same_result(tiny_pipeline, tmp_path):
     """SIGKILL after the iteration-2 checkpoint; the rerun resumes there and ends with the same
     reward history as the uninterrupted pipeline, in one MLflow run without duplicated steps."""

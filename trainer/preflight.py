@@ -26,7 +26,9 @@ KNOWN_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssq
 # 2026-12-06 (SmolLM2-135M, 0.54 GB of fp32 weights): SFT's kept checkpoint 4.8x (weights, DeepSpeed's
 # fp32 copy and AdamW's two moments) beside its published model; the reward model's checkpoint while it
 # trains; PPO's checkpoint (actor and critic) 8.6x beside its model; the pipeline's whole output dir
-# 16.0x (8.6 GB), rounded up. Best-of-n, not measured, gets SFT's: it trains as SFT does.
+# 16.0x (8.6 GB), rounded up. Best-of-n, not measured, gets SFT's: it trains as SFT does. Since the demo's
+# PPO is critic-free (ReMax), its checkpoint is the actor's alone and the whole dir ended at 11.0x (5.9 GB,
+# 2026-12-07); the factors keep the critic's room, which `ppo.advantage=gae` still needs.
 DISK_FACTOR = {"sft": 6, "reward-model": 6, "ppo": 10, "pipeline": 17, "best-of-n": 6}
 
 
