@@ -22,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from lastmile.checkpoint import STATE_FILE
+from lastmile.plots import plot_grid
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,14 @@ def curve(stage_dir: Path) -> list[Point]:
     cfg = yaml.safe_load((stage_dir / "config.yaml").read_text())
     per_iteration = int(cfg["ppo"]["prompts_per_iteration"]) * int(cfg["ppo"]["samples_per_prompt"])
     evals, history = read_run(stage_dir)
-    seconds = {int(h["iteration"]): float(h.get("time/iteration_s", 0.0)) for h in history}
+    elapsed, hours_at = 0.0, {0: 0.0}  # iteration -> PPO hours when it ended
+    for h in sorted(history, key=lambda h: int(h["iteration"])):
+        elapsed += float(h.get("time/iteration_s", 0.0))
+        hours_at[int(h["iteration"])] = elapsed / 3600
     points = []
     for e in evals:
         it = int(e["iteration"])
-        points.append(Point(iteration=it, episodes=it * per_iteration,
-                            hours=sum(s for i, s in seconds.items() if i <= it) / 3600,
+        points.append(Point(iteration=it, episodes=it * per_iteration, hours=hours_at[it],
                             la_rougeL=e["eval/policy/la_rougeL"], rougeL=e["eval/policy/rougeL"],
                             semantic=e.get("eval/policy/semantic"), length_ratio=e["eval/policy/length_ratio"]))
     return points
@@ -75,28 +78,12 @@ def table(label: str, points: list[Point]) -> str:
 
 
 def plot(path: Path, curves: dict[str, list[Point]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("la-ROUGE-L", lambda p: p.la_rougeL)]
+    panels = {"dev la-ROUGE-L (greedy)": {label: [(p.episodes, p.la_rougeL) for p in pts] for label, pts in curves.items()}}
     if any(p.semantic is not None for pts in curves.values() for p in pts):
-        panels.append(("semantic similarity", lambda p: p.semantic))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (name, get) in zip(axes.flat, panels):
-        for label, pts in curves.items():
-            xy = [(p.episodes, get(p)) for p in pts if get(p) is not None]
-            if xy:
-                xs, ys = zip(*xy)
-                ax.plot(xs, ys, marker="o", label=label)
-        ax.set(xlabel="episodes", ylabel=f"dev {name} (greedy)", title=name)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        panels["dev semantic similarity (greedy)"] = {
+            label: [(p.episodes, p.semantic) for p in pts if p.semantic is not None] for label, pts in curves.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    plot_grid(path, panels, title="The budget curve", xlabel="episodes")
 
 
 def main(argv: list[str] | None = None) -> int:

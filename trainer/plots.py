@@ -74,7 +74,8 @@ def plot_metric_bars(path: Path, systems: dict[str, dict[str, float]], *, title:
     return path
 
 
-def plot_grid(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]], *, title: str) -> Path:
+def plot_grid(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]], *, title: str,
+              xlabel: str = "iteration") -> Path:
     """Several small line charts (panel title -> curves), e.g. reward, KL, length and eval metrics."""
     import matplotlib
 
@@ -90,7 +91,7 @@ def plot_grid(path: Path, panels: dict[str, dict[str, list[tuple[int, float]]]],
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o" if len(points) < 30 else None, label=label)
-        ax.set(title=name, xlabel="iteration")
+        ax.set(title=name, xlabel=xlabel)
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=7)
