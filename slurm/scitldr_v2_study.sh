@@ -12,7 +12,8 @@
 # 2. t1: the same PPO at T = 1 (the v1 study's rollout temperature), 1,008 episodes, on the main run's
 #    SFT and reward models: the other point of the budget curve's temperature comparison (dev only).
 # 3. blind: predictions of the final systems on the 618 blind SciTLDR-A test abstracts, made once,
-#    after every choice is final (BLIND=<the blind jsonl>; refused when docs/results/blind/ holds any).
+#    after every choice is final (BLIND=<the blind jsonl>; refused when docs/results/blind/ holds any),
+#    with a README naming each file's commit, config, model and sha256 (bench/blind_manifest.py).
 # All runs log to the main run's MLflow store (runs/scitldr_v2/mlflow.db).
 #SBATCH --job-name=lastmile-study-v2
 #SBATCH --nodes=1
@@ -57,6 +58,8 @@ if [[ " $STEPS " == *" blind "* ]]; then
       predict.output=runs/scitldr_v2/blind/$name.jsonl predict.postprocessed_output=runs/scitldr_v2/blind/$name+post.jsonl
   done
   mkdir -p "$OUT"
-  cp runs/scitldr_v2/blind/*.jsonl "$OUT"/
+  cp runs/scitldr_v2/blind/*.jsonl runs/scitldr_v2/blind/*.jsonl.meta.json "$OUT"/
+  # the README: the commit, config, model and sha256 of every file (refused if they were made differently)
+  "$VENV/bin/python" bench/blind_manifest.py "$OUT" --config "$CONFIG" --input "$BLIND"
 fi
 say "done: $STEPS"
