@@ -87,3 +87,34 @@ def test_tiny_pipeline_in_bf16_publishes_bf16_models(tmp_path):
         with safe_open(str(tmp_path / stage / "model" / "model.safetensors"), "pt") as f:
             assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16, stage
     assert (tmp_path / "report" / "report.md").is_file()
+
+
+def test_auto_is_resolved_when_a_stage_begins_and_kept_when_it_resumes_elsewhere(tmp_path, monkeypatch, capsys):
+    """precision=auto depends on the CPU (native bf16 or not). A stage resolves it once, into
+    <stage>/precision.json, and a run resumed on another machine goes on in that precision: the next
+    session's host, or a requeue onto other nodes, never switches a half-done run from fp32 to bf16."""
+    import json
+    from dataclasses import replace
+
+    from lastmile.stages import common
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'a'}", "tracking.enabled=false", "precision=auto"])
+    begin = lambda c: common.begin(c, "sft", "SFT", inputs={"base": c.model.path})  # noqa: E731
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)  # an AVX2-only CPU
+    start = begin(cfg)
+    assert start.precision == "fp32" and start.settled(cfg).precision == "fp32"
+    assert json.loads((tmp_path / "a" / "sft" / "precision.json").read_text()) == {"setting": "auto", "resolved": "fp32"}
+
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # resumed on a CPU with native bf16
+    capsys.readouterr()
+    start = begin(cfg)
+    assert start.precision == "fp32"
+    out = capsys.readouterr().out
+    assert f"SFT: {tmp_path / 'a' / 'sft'} began in fp32" in out and "here precision=auto would give bf16" in out
+    assert f"delete {tmp_path / 'a' / 'sft'} or use a new output_dir" in out
+    assert json.loads((tmp_path / "a" / "sft" / "precision.json").read_text())["resolved"] == "fp32"
+
+    fresh = replace(cfg, output_dir=str(tmp_path / "b"))  # a stage that begins on this machine
+    assert begin(fresh).precision == "bf16"
+    explicit = replace(cfg, output_dir=str(tmp_path / "c"), precision="fp32")  # an explicit setting applies as is
+    assert begin(explicit).precision == "fp32" and "began in" not in capsys.readouterr().out

@@ -297,6 +297,11 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return precision == "bf16" or cpu_has_native_bf16()
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The concrete precision, `bf16` or `fp32`, that `precision` (`auto`, `bf16`, `fp32`) gives on `device`."""
+    return "bf16" if use_bf16(precision, device) else "fp32"
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

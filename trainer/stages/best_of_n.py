@@ -49,6 +49,7 @@ def run(cfg: Config) -> Path:
     start = common.begin(cfg, "best_of_n", "Best-of-n", inputs={"init": init, "reward_model": rm_path})
     if start.done:
         return start.stage_dir / "model"
+    cfg = start.settled(cfg)  # precision=auto as this stage began (common.stage_precision)
     examples = load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples)
     rows = sample_best(cfg, start, examples, init, rm_path, tokenizer)
     distributed.release_engines()  # the sampling models, before the fine-tune builds its own

@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from lastmile.errors import ConfigError
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "lastmile_identity.json"
+PRECISION_FILE = "precision.json"  # the concrete precision a stage began with (see `stage_precision`)
 SHARED = ("seed", "precision", "model", "data", "prompt")
 # Best-of-n trains with SFT's settings and scores with PPO's reward: both are part of what it learns from.
 SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",), "best_of_n": ("best_of_n", "sft", "ppo.reward")}
@@ -50,6 +51,11 @@ class StageStart:
     identity: dict[str, Any]
     horizon: str = ""  # the horizon change to continue with, e.g. "sft.max_steps (4 -> 8)"; "" when none
     finished_at: int | None = None  # the step (iteration) a finished stage being continued ended at
+    precision: str = "fp32"  # the concrete precision the stage runs in (`stage_precision`)
+
+    def settled(self, cfg: Config) -> Config:
+        """`cfg` with `precision` the concrete one this stage runs in: what the stage's code reads from here on."""
+        return replace(cfg, precision=self.precision)
 
 
 def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None] | None = None) -> StageStart:
@@ -97,8 +103,37 @@ def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None]
     if not done and not horizon and dist.is_main:  # a horizon change is recorded once `continue_stage` allows it
         stage_dir.mkdir(parents=True, exist_ok=True)
         checkpoint.write_json_atomic(stage_dir / "identity.json", ident)
+    precision = cfg.precision if done else stage_precision(cfg, stage_dir, dist, label)
     distributed.barrier()
-    return StageStart(dist, stage_dir, done, ident, horizon, finished_at)
+    return StageStart(dist, stage_dir, done, ident, horizon, finished_at, precision)
+
+
+def stage_precision(cfg: Config, stage_dir: Path, dist: DistInfo, label: str) -> str:
+    """The concrete precision (`bf16`, `fp32`) a stage runs in. `precision=auto` depends on the machine (a
+    CPU with native bf16 or without), so it is resolved once, when the stage first starts, and kept in
+    <stage_dir>/precision.json: a run resumed on another machine (a requeue onto other nodes, the next
+    session on another host) goes on in the precision it began in, never switching halfway. An explicit
+    `bf16` or `fp32` is part of the stage's identity and applies as it is. Rank 0 decides for every rank."""
+    now = distributed.resolve_precision(cfg.precision, dist.device)
+    pin = stage_dir / PRECISION_FILE
+    chosen, note = now, ""
+    if dist.is_main:
+        pinned = _read_json(pin) or {}
+        began = pinned.get("resolved")
+        if cfg.precision == "auto" and began in ("bf16", "fp32"):
+            chosen = began
+            if began != now:
+                note = (f"{label}: {stage_dir} began in {began} (precision=auto, resolved on the machine it started on) "
+                        f"and goes on in {began}, so the resumed run is the run it began as; here precision=auto "
+                        f"would give {now}. To run in {now} instead, start {label} over: delete {stage_dir} or use "
+                        "a new output_dir.")
+        elif began != now or pinned.get("setting") != cfg.precision:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json_atomic(pin, {"setting": cfg.precision, "resolved": now})
+    chosen = distributed.gather_objects(chosen)[0]
+    if note:
+        print(note, flush=True)
+    return chosen
 
 
 def done_problems(stage_dir: Path) -> list[str]:
@@ -218,14 +253,20 @@ def model_identity(path: str) -> str:
     return f"name:{path}"
 
 
-def _read_identity(path: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None when the file is missing, unreadable or holds something else."""
     if not path.is_file():
         return None
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError):
         return None
-    return data.get("identity", data) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
+
+
+def _read_identity(path: Path) -> dict | None:
+    data = _read_json(path)
+    return None if data is None else data.get("identity", data)
 
 
 def describe_change(old: dict, new: dict) -> str:

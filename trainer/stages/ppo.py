@@ -84,6 +84,7 @@ def run(cfg: Config) -> Path:
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
         return stage_dir / "model"
+    cfg = start.settled(cfg)  # precision=auto as this stage began (common.stage_precision)
     s = ppo_setup.build(cfg, dist)
     plan = s.plan
     extra = {"critic_engine": s.models.critic} if s.models.critic is not None else {}

@@ -57,6 +57,7 @@ def run(cfg: Config) -> Path:
     dist, stage_dir = start.dist, start.stage_dir
     if start.done:
         return stage_dir / "model"
+    cfg = start.settled(cfg)  # precision=auto as this stage began (common.stage_precision)
     tokenizer = load_tokenizer(replace(cfg.model, path=init, gguf_file=None, tokenizer_path=cfg.model.tokenizer_path),
                                field=_init_field(cfg, init))
     builder = PromptBuilder(tokenizer, cfg.prompt)

@@ -45,6 +45,7 @@ def run(cfg: Config) -> Path:
     start = common.begin(cfg, "sft", "SFT", inputs={"base": cfg.model.path})
     if start.done:
         return start.stage_dir / "model"
+    cfg = start.settled(cfg)  # precision=auto as this stage began (common.stage_precision)
     tokenizer = load_tokenizer(cfg.model)
     builder = PromptBuilder(tokenizer, cfg.prompt)
     train, report = builder.tokenize(load_split(cfg.data, cfg.data.train_split, cfg.data.max_train_examples))
