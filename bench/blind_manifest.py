@@ -7,8 +7,8 @@ For every `<system>.jsonl` in the folder that has a `<system>.jsonl.meta.json` b
 `lastmile predict`), the table names the model, its identity and the number of ids; a
 `<system>+post.jsonl` is the same predictions post-processed (`predict.postprocessed_output`). Every
 file's sha256 is listed, so that a scorer can check that what they score is what was committed. The
-prompt and decoding settings must be the same for every file; the script refuses a folder where they
-differ, or where a file's ids differ from the others'.
+prompt and decoding settings must be the same for every file, and every file must hold each id of the
+input exactly once (when --input is a readable file); the script refuses a folder where either fails.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from lastmile.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,9 @@ def _ids(path: Path) -> list[str]:
     return ids
 
 
-def read_folder(folder: Path) -> tuple[list[Entry], dict]:
-    """(one entry per predictions file, the prompt and decoding settings they share)."""
+def read_folder(folder: Path, documents: set[str] | None = None) -> tuple[list[Entry], dict]:
+    """(one entry per predictions file, the prompt and decoding settings they share). With `documents`
+    (the input's ids), every file must hold exactly those ids."""
     raws = sorted(p for p in folder.glob("*.jsonl") if not p.stem.endswith("+post"))
     if not raws:
         raise ManifestError(f"{folder} holds no <system>.jsonl predictions.")
@@ -77,6 +80,12 @@ def read_folder(folder: Path) -> tuple[list[Entry], dict]:
     orphans = sorted(p.name for p in folder.glob("*+post.jsonl") if p.name not in id_sets)
     if orphans:
         raise ManifestError(f"{', '.join(orphans)} in {folder} has no raw file beside it.")
+    if documents is not None:
+        for name, ids in id_sets.items():
+            if ids != documents:
+                raise ManifestError(f"{folder / name} does not hold exactly the input's {len(documents)} ids "
+                                    f"({len(documents - ids)} missing, {len(ids - documents)} not in the input). "
+                                    "Rerun `lastmile predict`: it finishes the missing ids.")
     first = next(iter(id_sets))
     for name, ids in id_sets.items():
         if ids != id_sets[first]:
@@ -125,10 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="the config the predictions were made with")
     ap.add_argument("--input", required=True, help="the blind documents file")
     ap.add_argument("--commit", help="default: git rev-parse HEAD of the current directory")
+    ap.add_argument("--id-field", default="id", help="the input's id column (predict.id_field)")
+    ap.add_argument("--document-field", default="document", help="the input's document column")
     args = ap.parse_args(argv)
     try:
-        entries, settings = read_folder(args.folder)
-    except (ManifestError, OSError, ValueError, KeyError) as e:
+        documents = None
+        if Path(args.input).is_file():
+            from lastmile.data.documents import read_documents
+
+            documents = {d.id for d in read_documents(Path(args.input), args.id_field, args.document_field)}
+        entries, settings = read_folder(args.folder, documents)
+    except (ManifestError, UserError, OSError, ValueError, KeyError) as e:
         print(f"blind_manifest: {e}", file=sys.stderr)
         return 2
     text = markdown(entries, settings, commit=args.commit or git_commit(), config=args.config, source=args.input,

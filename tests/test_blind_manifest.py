@@ -68,3 +68,15 @@ def test_refuses_different_ids_and_a_file_without_its_meta(tmp_path, capsys):
     (tmp_path / "rl.jsonl.meta.json").unlink()
     assert blind_manifest.main([str(tmp_path), "--config", "c", "--input", "i"]) == 2
     assert "rl.jsonl has no rl.jsonl.meta.json beside it" in capsys.readouterr().err
+
+
+def test_every_file_must_hold_each_id_of_the_input(tmp_path, capsys):
+    docs = tmp_path / "blind.jsonl"
+    docs.write_text("".join(json.dumps({"id": i, "document": f"text {i}"}) + "\n" for i in ("a", "b", "c")))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    _write(folder, "mle", ["a", "b"], model="smollm2-135m-instruct")
+    assert blind_manifest.main([str(folder), "--config", "c", "--input", str(docs)]) == 2
+    assert "mle.jsonl does not hold exactly the input's 3 ids (1 missing, 0 not in the input)" in capsys.readouterr().err
+    _write(folder, "mle", ["a", "b", "c"], model="smollm2-135m-instruct")
+    assert blind_manifest.main([str(folder), "--config", "c", "--input", str(docs)]) == 0
