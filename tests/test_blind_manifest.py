@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
+import torch
 from conftest import TINY
 
 from lastmile.config import load_config
@@ -26,7 +26,7 @@ def _write(folder: Path, system: str, ids: list[str], *, model: str, overrides: 
     cfg = load_config(TINY, list(overrides))
     lines = "".join(json.dumps({"id": i, "prediction": f"{system} summary of {i}"}) + "\n" for i in ids)
     (folder / f"{system}.jsonl").write_text(lines)
-    meta = predict._producer(cfg, model) | {"input": "blind.jsonl"}
+    meta = predict._producer(cfg, model, torch.device("cpu")) | {"input": "blind.jsonl"}
     (folder / f"{system}.jsonl.meta.json").write_text(json.dumps(meta))
     if post:
         (folder / f"{system}+post.jsonl").write_text(lines)

@@ -187,3 +187,20 @@ def test_bad_input_gets_one_clear_message(case, tmp_path, capsys):
     assert expected in err, err[-2000:]
     assert "Traceback" not in err
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_the_meta_records_the_concrete_precision(monkeypatch):
+    """precision=auto is recorded as what it gives on this machine: a resume where it gives the other
+    precision is refused (the producer differs) instead of mixing fp32 and bf16 lines in one file."""
+    import torch
+
+    from lastmile import distributed
+    from lastmile.config import load_config
+
+    cfg = load_config(TINY, ["precision=auto"])
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    here = predict._producer(cfg, "smollm2-135m-instruct", torch.device("cpu"))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    there = predict._producer(cfg, "smollm2-135m-instruct", torch.device("cpu"))
+    assert here["settings"]["precision"] == "fp32" and there["settings"]["precision"] == "bf16"
+    assert here["hash"] != there["hash"]

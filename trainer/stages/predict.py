@@ -26,6 +26,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from lastmile import checkpoint, distributed
@@ -47,14 +48,14 @@ def run(cfg: Config) -> Path:
     """`lastmile predict`: every document of `predict.input` without a line in `predict.output` gets one."""
     model, source, output = check_settings(cfg.predict)
     docs = read_documents(source, cfg.predict.id_field, cfg.predict.document_field)
-    producer = _producer(cfg, model)
+    dist = distributed.setup()
+    producer = _producer(cfg, model, dist.device)
     done, keep_bytes = read_done(output, producer, {d.id for d in docs})
     todo = [d for d in docs if d.id not in done]
     if not todo:
         print(f"Predictions: {output} already holds all {len(docs)} documents of {source}.", flush=True)
         write_postprocessed(cfg.predict, output)
         return output
-    dist = distributed.setup()
     tokenizer, lm, attn = load_generator(cfg, model, dist.device)
     log.info("predicting %d of %d documents with %s (attention: %s)", len(todo), len(docs), model, attn.implementation)
     distributed.barrier()  # every rank has read the output before rank 0 cuts its torn line
@@ -134,13 +135,15 @@ def _model_problem(model: str) -> str | None:
     return None if hub_id else f"predict.model ({model}) does not exist. There is no model to load. {fix}"
 
 
-def _producer(cfg: Config, model: str) -> dict:
+def _producer(cfg: Config, model: str, device: torch.device) -> dict:
     """What makes a prediction, recorded in `<output>.meta.json`. The batch size is left out: lowering it
-    after running out of memory is the usual reason to rerun."""
+    after running out of memory is the usual reason to rerun. The precision is the concrete one on
+    `device` (`precision=auto` gives bf16 or fp32 by machine): a run resumed where `auto` resolves
+    otherwise is refused instead of mixing the two in one file."""
     tree = to_dict(cfg)
     decoding = flatten({"prompt": tree["prompt"], "eval.generation": tree["eval"]["generation"]})
     settings = {k: v for k, v in decoding.items() if k != "eval.generation.batch_size"}
-    settings |= {"precision": cfg.precision, "predict.model": f"{model} [{model_identity(model)}]",
+    settings |= {"precision": distributed.resolve_precision(cfg.precision, device), "predict.model": f"{model} [{model_identity(model)}]",
                  "predict.document_field": cfg.predict.document_field}
     body = json.dumps(settings, sort_keys=True, default=str)
     return {"hash": hashlib.sha256(body.encode()).hexdigest()[:16], "settings": settings}
