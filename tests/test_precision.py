@@ -118,3 +118,19 @@ def test_auto_is_resolved_when_a_stage_begins_and_kept_when_it_resumes_elsewhere
     assert begin(fresh).precision == "bf16"
     explicit = replace(cfg, output_dir=str(tmp_path / "c"), precision="fp32")  # an explicit setting applies as is
     assert begin(explicit).precision == "fp32" and "began in" not in capsys.readouterr().out
+
+
+def test_an_evaluation_keeps_generations_per_concrete_precision(tmp_path, monkeypatch):
+    """A report begun where precision=auto is fp32 and finished where it is bf16 generates every system again
+    there (the cache key changes), so the systems it compares were all decoded in one precision."""
+    from lastmile.data.records import Example
+    from lastmile.stages import evaluate
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path}", "precision=auto"])
+    spec = evaluate.SystemSpec("mle", model="smollm2-135m-instruct")
+    examples = [Example(id="a", document="d", summary="s", references=("s",))]
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    fp32 = evaluate._generation_cache(cfg, spec, examples, torch.device("cpu"))
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
+    bf16 = evaluate._generation_cache(cfg, spec, examples, torch.device("cpu"))
+    assert fp32 != bf16 and fp32.parent == bf16.parent == tmp_path / "eval" / "generations"

@@ -181,7 +181,7 @@ def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistIn
     if spec.predictions:
         return System(spec.name, spec.predictions, tuple(read_predictions(Path(spec.predictions), examples,
                                                                           missing=cfg.eval.missing_predictions)))
-    cache = _generation_cache(cfg, spec, examples)
+    cache = _generation_cache(cfg, spec, examples, dist.device)
     if cache.is_file():
         return System(spec.name, spec.model, tuple(read_predictions(cache, examples)))
     seeding.seed_everything(cfg.seed, stage="evaluate", rank=dist.rank)  # eval.generation.strategy=sample draws
@@ -195,9 +195,12 @@ def _system(spec: SystemSpec, cfg: Config, examples: list[Example], dist: DistIn
     return System(spec.name, spec.model, tuple(texts))
 
 
-def _generation_cache(cfg: Config, spec: SystemSpec, examples: list[Example]) -> Path:
+def _generation_cache(cfg: Config, spec: SystemSpec, examples: list[Example], device) -> Path:
+    """Where a system's generations are kept. The key holds the concrete precision (`auto` gives bf16 or
+    fp32 by machine): a report finished on another machine than it began on generates every system again
+    there, so that the systems it compares were all decoded in one precision."""
     key = json.dumps({"model": model_identity(spec.model), "generation": to_dict(cfg)["eval"]["generation"],
-                      "prompt": to_dict(cfg)["prompt"], "precision": cfg.precision,
+                      "prompt": to_dict(cfg)["prompt"], "precision": distributed.resolve_precision(cfg.precision, device),
                       "data": [cfg.data.source, cfg.data.eval_split], "ids": [e.id for e in examples]}, sort_keys=True)
     return (Path(cfg.output_dir) / "eval" / "generations" /
             f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl")
