@@ -291,3 +291,34 @@ def test_gradient_checkpointing_gives_the_same_update(dist):
     assert norm > 1e-6 and plain.keys() == checkpointed.keys()
     for k in plain:
         assert torch.allclose(plain[k], checkpointed[k], rtol=1e-5, atol=1e-7 * norm), k
+
+
+def test_a_skipped_rollout_still_gets_its_evaluation_checkpoint_and_stop(monkeypatch):
+    """An iteration whose rollout was skipped (non-finite) still counts: the in-loop evaluation and the
+    checkpoint due at it happen (the budget curve keeps its point), and a stop signal is honoured."""
+    from types import SimpleNamespace
+
+    from lastmile import preemption
+    from lastmile.stages import ppo
+
+    calls = []
+
+    def fake_iterate(ctx, state):
+        state.iteration += 1
+        return None if state.iteration in (2, 3) else {"reward/score_mean": 0.0, "kl/seq_mean": 0.0}
+
+    monkeypatch.setattr(ppo, "iterate", fake_iterate)
+    monkeypatch.setattr(ppo, "evaluate", lambda ctx, s: calls.append(("eval", s.iteration)))
+    monkeypatch.setattr(ppo, "save", lambda ctx, s: calls.append(("save", s.iteration)))
+    monkeypatch.setattr(ppo, "trim_host_memory", lambda: None)
+    cfg = SimpleNamespace(ppo=SimpleNamespace(iterations=6, eval_every=2, save_every=2, stop_on_alarm=True))
+    ctx = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(is_main=False))
+    ppo.train(ctx, ppo.PPOState())
+    assert calls == [("eval", 0), ("eval", 2), ("save", 2), ("eval", 4), ("save", 4), ("save", 6)]
+
+    calls.clear()
+    monkeypatch.setattr(preemption, "requested", lambda: True)  # a stop signal arrives during skipped iteration 3
+    state = ppo.PPOState(iteration=2)
+    with pytest.raises(preemption.Preempted, match="stopped at iteration 3"):
+        ppo.train(ctx, state)
+    assert calls == [("save", 3)]

@@ -116,11 +116,10 @@ def train(ctx: PPOContext, state: PPOState) -> None:
         evaluate(ctx, state)  # the SFT model's in-loop scores: the start of every curve
     bar = tqdm(total=o.iterations, initial=state.iteration, desc="ppo", unit="it", disable=not ctx.dist.is_main)
     while state.iteration < o.iterations:
-        metrics = iterate(ctx, state)
-        if metrics is None:  # a skipped rollout
-            continue
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
+        metrics = iterate(ctx, state)  # None: a skipped rollout, whose iteration still counts (and evaluates,
+        bar.update(1)                  # saves and stops on schedule: the curve keeps its points)
+        if metrics is not None:
+            bar.set_postfix(reward=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['kl/seq_mean']:.3f}")
         if o.eval_every and state.iteration % o.eval_every == 0 and state.iteration < o.iterations:
             evaluate(ctx, state)
             trim_host_memory()
