@@ -224,7 +224,7 @@ def _ppo(cfg: Config, plan: RunPlan) -> str:
             f"responses per iteration ({p.prompts_per_rank} prompts per rank); minibatches of {o.minibatch_size} = "
             f"{p.train.micro_batch} per micro-batch x {_n(p.train.world_size, 'rank')} x {p.train.grad_accum} "
             f"accumulation; {_n(p.minibatches, 'minibatch', 'minibatches')} x {_n(o.epochs, 'epoch')} = "
-            f"{p.steps_per_iteration} optimizer steps per iteration, {steps} in {o.iterations} iterations")
+            f"{_n(p.steps_per_iteration, 'optimizer step')} per iteration, {steps} in {o.iterations} iterations")
 
 
 def _best_of_n(cfg: Config, plan: RunPlan) -> str:
