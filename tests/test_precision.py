@@ -105,10 +105,20 @@ def test_auto_is_resolved_when_a_stage_begins_and_kept_when_it_resumes_elsewhere
     assert start.precision == "fp32" and start.settled(cfg).precision == "fp32"
     assert json.loads((tmp_path / "a" / "sft" / "precision.json").read_text()) == {"setting": "auto", "resolved": "fp32"}
 
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # on a CPU with native bf16
+    capsys.readouterr()
+    assert begin(cfg).precision == "bf16"  # nothing kept to go on from (a false start): resolved again, here
+    assert json.loads((tmp_path / "a" / "sft" / "precision.json").read_text())["resolved"] == "bf16"
+    monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: False)
+    assert begin(cfg).precision == "fp32"
+    step = tmp_path / "a" / "sft" / "checkpoints" / "step-0000004"  # a checkpoint: work to resume
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)  # resumed on a CPU with native bf16
     capsys.readouterr()
     start = begin(cfg)
-    assert start.precision == "fp32"
+    assert start.precision == "fp32" and start.as_given(cfg).precision == "auto"  # recorded as it was given
     out = capsys.readouterr().out
     assert f"SFT: {tmp_path / 'a' / 'sft'} began in fp32" in out and "here precision=auto would give bf16" in out
     assert f"delete {tmp_path / 'a' / 'sft'} or use a new output_dir" in out

@@ -204,3 +204,25 @@ def test_the_meta_records_the_concrete_precision(monkeypatch):
     there = predict._producer(cfg, "smollm2-135m-instruct", torch.device("cpu"))
     assert here["settings"]["precision"] == "fp32" and there["settings"]["precision"] == "bf16"
     assert here["hash"] != there["hash"]
+
+
+def test_a_meta_from_before_the_concrete_precision_is_completed(tmp_path, caplog):
+    """A `.meta.json` written before lastmile recorded the concrete precision says precision=auto: the
+    file is completed (with a warning naming the assumption), not refused."""
+    import torch
+
+    from lastmile.config import load_config
+
+    cfg = load_config(TINY, ["precision=auto"])
+    producer = predict._producer(cfg, "smollm2-135m-instruct", torch.device("cpu"))
+    old = {"hash": "0" * 16, "settings": {**producer["settings"], "precision": "auto"}, "input": "docs.jsonl"}
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"id": "a", "prediction": "x"}) + "\n")
+    predict.meta_path(output).write_text(json.dumps(old))
+    with caplog.at_level("WARNING"):
+        done, _ = predict.read_done(output, producer, {"a", "b"})
+    assert done == {"a": "x"} and "records precision=auto" in caplog.text
+    other = {**old, "settings": {**old["settings"], "eval.generation.max_new_tokens": 3}}
+    predict.meta_path(output).write_text(json.dumps(other))
+    with pytest.raises(predict.DataError, match="was written with other settings"):
+        predict.read_done(output, producer, {"a", "b"})

@@ -551,8 +551,9 @@ class Config:
     and AdamW moments in the optimizer), frozen models (reference, reward model) loaded in bf16, forward
     passes under bf16 autocast; published models are saved in bf16. `fp32`: fp32 throughout. `auto`: bf16
     where the device computes it natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX), else fp32:
-    emulated bf16 on an AVX2-only CPU was 12x slower than fp32. A training stage resolves `auto` once, when
-    it first starts, into `<stage>/precision.json`: resumed on another machine, it goes on in that precision."""
+    emulated bf16 on an AVX2-only CPU was 12x slower than fp32. A training stage resolves `auto` when it
+    starts, into `<stage>/precision.json`: resumed from its checkpoints on another machine, it goes on in
+    that precision."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The base model and tokenizer (`model.*`)."""
     data: DataConfig = field(default_factory=DataConfig)

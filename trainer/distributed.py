@@ -302,6 +302,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if use_bf16(precision, device) else "fp32"
 
 
+def shared_precision(precision: str, device: torch.device) -> str:
+    """`resolve_precision` as rank 0 resolves it, on every rank (collective): ranks on different CPUs agree."""
+    return gather_objects(resolve_precision(precision, device))[0]
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

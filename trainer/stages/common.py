@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "lastmile_identity.json"
 PRECISION_FILE = "precision.json"  # the concrete precision a stage began with (see `stage_precision`)
+# What a rerun of a stage goes on from besides its checkpoints: best-of-n's kept samples, the reward model's
+# policy samples. While one of these (or a checkpoint) exists, the stage keeps the precision it began in.
+KEPT_WORK = ("samples", "samples.jsonl", "policy_samples.jsonl")
 SHARED = ("seed", "precision", "model", "data", "prompt")
 # Best-of-n trains with SFT's settings and scores with PPO's reward: both are part of what it learns from.
 SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",), "best_of_n": ("best_of_n", "sft", "ppo.reward")}
@@ -52,10 +55,16 @@ class StageStart:
     horizon: str = ""  # the horizon change to continue with, e.g. "sft.max_steps (4 -> 8)"; "" when none
     finished_at: int | None = None  # the step (iteration) a finished stage being continued ended at
     precision: str = "fp32"  # the concrete precision the stage runs in (`stage_precision`)
+    given_precision: str = "auto"  # the `precision` setting it was given
 
     def settled(self, cfg: Config) -> Config:
         """`cfg` with `precision` the concrete one this stage runs in: what the stage's code reads from here on."""
         return replace(cfg, precision=self.precision)
+
+    def as_given(self, cfg: Config) -> Config:
+        """`cfg` with the `precision` setting as it was given: what the stage records (config.yaml, MLflow
+        params), so that its config.yaml runs the same stage again; the concrete one is `runtime.precision`."""
+        return replace(cfg, precision=self.given_precision)
 
 
 def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None] | None = None) -> StageStart:
@@ -105,22 +114,24 @@ def begin(cfg: Config, subdir: str, label: str, *, inputs: dict[str, str | None]
         checkpoint.write_json_atomic(stage_dir / "identity.json", ident)
     precision = cfg.precision if done else stage_precision(cfg, stage_dir, dist, label)
     distributed.barrier()
-    return StageStart(dist, stage_dir, done, ident, horizon, finished_at, precision)
+    return StageStart(dist, stage_dir, done, ident, horizon, finished_at, precision, cfg.precision)
 
 
 def stage_precision(cfg: Config, stage_dir: Path, dist: DistInfo, label: str) -> str:
     """The concrete precision (`bf16`, `fp32`) a stage runs in. `precision=auto` depends on the machine (a
-    CPU with native bf16 or without), so it is resolved once, when the stage first starts, and kept in
-    <stage_dir>/precision.json: a run resumed on another machine (a requeue onto other nodes, the next
-    session on another host) goes on in the precision it began in, never switching halfway. An explicit
-    `bf16` or `fp32` is part of the stage's identity and applies as it is. Rank 0 decides for every rank."""
+    CPU with native bf16 or without), so it is resolved when the stage starts and kept in
+    <stage_dir>/precision.json; while the stage has work to go on from (a checkpoint, kept samples), a
+    run resumed on another machine (a requeue onto other nodes, the next session on another host) goes
+    on in the precision it began in, never switching halfway. A stage with nothing kept starts over and
+    resolves again. An explicit `bf16` or `fp32` is part of the stage's identity and applies as it is.
+    Rank 0 decides for every rank."""
     now = distributed.resolve_precision(cfg.precision, dist.device)
     pin = stage_dir / PRECISION_FILE
     chosen, note = now, ""
     if dist.is_main:
         pinned = _read_json(pin) or {}
         began = pinned.get("resolved")
-        if cfg.precision == "auto" and began in ("bf16", "fp32"):
+        if cfg.precision == "auto" and began in ("bf16", "fp32") and _has_kept_work(stage_dir):
             chosen = began
             if began != now:
                 note = (f"{label}: {stage_dir} began in {began} (precision=auto, resolved on the machine it started on) "
@@ -134,6 +145,13 @@ def stage_precision(cfg: Config, stage_dir: Path, dist: DistInfo, label: str) ->
     if note:
         print(note, flush=True)
     return chosen
+
+
+def _has_kept_work(stage_dir: Path) -> bool:
+    """A checkpoint or kept samples (`KEPT_WORK`) that a rerun of the stage goes on from."""
+    if checkpoint.checkpoints(stage_dir / "checkpoints"):
+        return True
+    return any(p.is_file() or (p.is_dir() and any(p.iterdir())) for p in (stage_dir / name for name in KEPT_WORK))
 
 
 def done_problems(stage_dir: Path) -> list[str]:

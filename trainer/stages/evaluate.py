@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -112,12 +112,13 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
     distributed.barrier()
     tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name, record=folder / "mlflow_run.json",
                              upstream_run_id=_upstream(specs), parent_run_id=parent_run_id)
+    decoding = replace(cfg, precision=distributed.shared_precision(cfg.precision, dist.device))  # one for all ranks
     write_stage_config(cfg, folder, tracker, dist, runtime={"systems": ", ".join(s.name for s in specs),
-                                                            "examples": len(examples)})
+                                                            "examples": len(examples), "precision": decoding.precision})
     with tracking.closing(tracker):
         systems = []
         for spec in specs:
-            s = _system(spec, cfg, examples, dist)
+            s = _system(spec, decoding, examples, dist)
             systems += [s, System(f"{s.name}+post", s.source, tuple(metrics.postprocess(p) for p in s.predictions))]
         if not dist.is_main:
             return {}

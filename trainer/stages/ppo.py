@@ -95,7 +95,7 @@ def run(cfg: Config) -> Path:
                               engines=(s.models.actor_engine, *extra.values()))
         if dist.is_main:
             _restore_best(stage_dir, state)
-    tracker = tracking.start(cfg, stage="ppo", is_main=dist.is_main, resume_run_id=state.run_id,
+    tracker = tracking.start(start.as_given(cfg), stage="ppo", is_main=dist.is_main, resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "reward_model"))
     state.run_id = tracker.run_id
@@ -103,7 +103,8 @@ def run(cfg: Config) -> Path:
     if state.kl:
         kl.load_state_dict(state.kl)
     ctx = PPOContext(cfg, dist, plan, s, Evaluator(cfg, s, dist), kl, tracker, stage_dir, start.identity)
-    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime=s.runtime)
+    common.write_stage_config(start.as_given(cfg), stage_dir, tracker, dist,
+                              runtime={"precision": cfg.precision, **s.runtime})
     with tracking.closing(tracker):
         train(ctx, state)
         finish(ctx, state)

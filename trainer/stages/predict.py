@@ -49,6 +49,7 @@ def run(cfg: Config) -> Path:
     model, source, output = check_settings(cfg.predict)
     docs = read_documents(source, cfg.predict.id_field, cfg.predict.document_field)
     dist = distributed.setup()
+    cfg = replace(cfg, precision=distributed.shared_precision(cfg.precision, dist.device))  # one for all ranks
     producer = _producer(cfg, model, dist.device)
     done, keep_bytes = read_done(output, producer, {d.id for d in docs})
     todo = [d for d in docs if d.id not in done]
@@ -149,6 +150,13 @@ def _producer(cfg: Config, model: str, device: torch.device) -> dict:
     return {"hash": hashlib.sha256(body.encode()).hexdigest()[:16], "settings": settings}
 
 
+def _legacy_auto(recorded: dict, producer: dict) -> bool:
+    """A meta file from before the concrete precision was recorded (`"precision": "auto"`), equal otherwise."""
+    settings = recorded.get("settings")
+    return (isinstance(settings, dict) and settings.get("precision") == "auto"
+            and {**settings, "precision": producer["settings"]["precision"]} == producer["settings"])
+
+
 def meta_path(output: Path) -> Path:
     return output.with_name(output.name + ".meta.json")
 
@@ -194,7 +202,10 @@ def _check_reusable(output: Path, producer: dict, done: dict[str, str], ids: set
         raise DataError(f"predict.output ({output}) holds {len(done)} predictions without a readable "
                         f"{meta_path(output).name} beside it, so what produced them is unknown. {reuse}. To go on, "
                         f"{restart}")
-    if recorded.get("hash") != producer["hash"]:
+    if recorded.get("hash") != producer["hash"] and _legacy_auto(recorded, producer):
+        log.warning("%s records precision=auto, written before lastmile recorded the concrete precision; its lines are "
+                    "taken as made in %s, this run's precision", meta_path(output), producer["settings"]["precision"])
+    elif recorded.get("hash") != producer["hash"]:
         raise DataError(f"predict.output ({output}) was written with other settings: "
                         f"{describe_change(recorded, producer)}. {reuse}. Rerun with the recorded settings to complete "
                         f"it, or {restart}")

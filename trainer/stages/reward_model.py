@@ -80,12 +80,14 @@ def run(cfg: Config) -> Path:
         log.info("reward model from %s: %d training pairs (%s), %d steps, attention %s", init, len(train),
                  _mode_counts(pairs), total_steps, attn.implementation)
     state = RewardModelState.resumed(checkpoint.resume(engine, stage_dir / "checkpoints", is_main=dist.is_main))
-    tracker = tracking.start(cfg, stage="reward_model", is_main=dist.is_main, resume_run_id=state.run_id,
+    tracker = tracking.start(start.as_given(cfg), stage="reward_model", is_main=dist.is_main,
+                             resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
     state.run_id = tracker.run_id
-    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
-        "attention": attn.implementation, "world_size": dist.world_size, "train_pairs": len(train),
+    common.write_stage_config(start.as_given(cfg), stage_dir, tracker, dist, runtime={
+        "precision": cfg.precision, "attention": attn.implementation, "world_size": dist.world_size,
+        "train_pairs": len(train),
         "total_steps": total_steps})
     ctx = TrainContext(cfg, dist, cfg.rm, engine, ds, rm, "rm.", tokenizer, plan, total_steps, tracker, stage_dir,
                        "reward-model")

@@ -76,11 +76,11 @@ def fine_tune(cfg: Config, start: common.StageStart, settings: SFTConfig, tokeni
     if start.horizon:  # sft.epochs / sft.max_steps changed: go on from the checkpoint to the new horizon
         common.continue_stage(start, label, steps_done=state.step, total=total_steps, unit="steps",
                               engines=(engine,))
-    tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, resume_run_id=state.run_id,
+    tracker = tracking.start(start.as_given(cfg), stage=stage, is_main=dist.is_main, resume_run_id=state.run_id,
                              record=stage_dir / "mlflow_run.json", upstream_run_id=upstream_run_id)
     state.run_id = tracker.run_id if dist.is_main else None
-    common.write_stage_config(cfg, stage_dir, tracker, dist, runtime={
-        "attention": attn.implementation, "world_size": dist.world_size,
+    common.write_stage_config(start.as_given(cfg), stage_dir, tracker, dist, runtime={
+        "precision": cfg.precision, "attention": attn.implementation, "world_size": dist.world_size,
         "logprob_impl": resolve_impl(settings.logprob_impl, dist.device), "train_examples": len(train),
         "total_steps": total_steps, "grad_accum": plan.grad_accum, **({"init": init} if init else {})})
     ctx = TrainContext(cfg, dist, settings, engine, ds, lm, "lm.", tokenizer, plan, total_steps, tracker, stage_dir,
