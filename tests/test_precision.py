@@ -144,3 +144,15 @@ def test_an_evaluation_keeps_generations_per_concrete_precision(tmp_path, monkey
     monkeypatch.setattr(distributed, "cpu_has_native_bf16", lambda: True)
     bf16 = evaluate._generation_cache(cfg, spec, examples, torch.device("cpu"))
     assert fp32 != bf16 and fp32.parent == bf16.parent == tmp_path / "eval" / "generations"
+
+
+def test_an_evaluation_is_identified_by_its_concrete_precision(tmp_path):
+    """Results decoded in fp32 are not reused for a bf16 evaluation of the same systems (nor the reverse)."""
+    from lastmile.data.records import Example
+    from lastmile.stages import evaluate
+
+    specs = [evaluate.SystemSpec("mle", model="smollm2-135m-instruct")]
+    examples = [Example(id="a", document="d", summary="s", references=("s",))]
+    ident = {p: evaluate._identity(load_config(TINY, [f"output_dir={tmp_path}", f"precision={p}"]), specs, examples)
+             for p in ("fp32", "bf16")}
+    assert ident["fp32"] != ident["bf16"]

@@ -95,7 +95,8 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
     Skipped when `folder` already holds results of exactly these systems and settings."""
     dist = distributed.setup()
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
-    ident = _identity(cfg, specs, examples)
+    decoding = replace(cfg, precision=distributed.shared_precision(cfg.precision, dist.device))  # one for all ranks
+    ident = _identity(decoding, specs, examples)
     folder = folder_for(folder, ident)
     done = folder / checkpoint.DONE_FILE
     finished = _finished_results(folder) if done.is_file() else None
@@ -112,7 +113,6 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
     distributed.barrier()
     tracker = tracking.start(cfg, stage=stage, is_main=dist.is_main, run_name=run_name, record=folder / "mlflow_run.json",
                              upstream_run_id=_upstream(specs), parent_run_id=parent_run_id)
-    decoding = replace(cfg, precision=distributed.shared_precision(cfg.precision, dist.device))  # one for all ranks
     write_stage_config(cfg, folder, tracker, dist, runtime={"systems": ", ".join(s.name for s in specs),
                                                             "examples": len(examples), "precision": decoding.precision})
     with tracking.closing(tracker):
@@ -154,8 +154,11 @@ def folder_for(folder: Path, ident: str) -> Path:
 
 
 def _identity(cfg: Config, specs: list[SystemSpec], examples: list[Example]) -> str:
+    """What an evaluation's results depend on: the systems, the evaluation, prompt and data settings, the
+    seed, the concrete precision (`cfg` is settled: bf16 decodes and scores otherwise than fp32) and the ids."""
     what = [(s.name, model_identity(s.model) if s.model else _file_hash(Path(s.predictions))) for s in specs]
-    settings = {k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "prompt.", "data.", "seed"))}
+    settings = {k: v for k, v in flatten(to_dict(cfg)).items()
+                if k.startswith(("eval.", "prompt.", "data.", "seed", "precision"))}
     body = json.dumps({"systems": what, "settings": settings, "ids": [e.id for e in examples]}, sort_keys=True,
                       default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
