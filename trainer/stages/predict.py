@@ -144,8 +144,8 @@ def _producer(cfg: Config, model: str, device: torch.device) -> dict:
     tree = to_dict(cfg)
     decoding = flatten({"prompt": tree["prompt"], "eval.generation": tree["eval"]["generation"]})
     settings = {k: v for k, v in decoding.items() if k != "eval.generation.batch_size"}
-    settings |= {"precision": distributed.resolve_precision(cfg.precision, device), "predict.model": f"{model} [{model_identity(model)}]",
-                 "predict.document_field": cfg.predict.document_field}
+    settings |= {"precision": distributed.resolve_precision(cfg.precision, device),
+                 "predict.model": f"{model} [{model_identity(model)}]", "predict.document_field": cfg.predict.document_field}
     body = json.dumps(settings, sort_keys=True, default=str)
     return {"hash": hashlib.sha256(body.encode()).hexdigest()[:16], "settings": settings}
 
@@ -202,13 +202,13 @@ def _check_reusable(output: Path, producer: dict, done: dict[str, str], ids: set
         raise DataError(f"predict.output ({output}) holds {len(done)} predictions without a readable "
                         f"{meta_path(output).name} beside it, so what produced them is unknown. {reuse}. To go on, "
                         f"{restart}")
-    if recorded.get("hash") != producer["hash"] and _legacy_auto(recorded, producer):
+    if recorded.get("hash") != producer["hash"]:
+        if not _legacy_auto(recorded, producer):
+            raise DataError(f"predict.output ({output}) was written with other settings: "
+                            f"{describe_change(recorded, producer)}. {reuse}. Rerun with the recorded settings to "
+                            f"complete it, or {restart}")
         log.warning("%s records precision=auto, written before lastmile recorded the concrete precision; its lines are "
                     "taken as made in %s, this run's precision", meta_path(output), producer["settings"]["precision"])
-    elif recorded.get("hash") != producer["hash"]:
-        raise DataError(f"predict.output ({output}) was written with other settings: "
-                        f"{describe_change(recorded, producer)}. {reuse}. Rerun with the recorded settings to complete "
-                        f"it, or {restart}")
     unknown = [i for i in done if i not in ids]
     if unknown:
         raise DataError(f"predict.output ({output}) has predictions for {len(unknown)} ids that are not in "
