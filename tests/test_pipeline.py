@@ -42,6 +42,12 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     assert "| reward |" in report.split("\n")[2]  # a column of the systems table
     for name in ("curves.png", "metrics.png", "samples.md"):
         assert (out / "report" / name).stat().st_size > 500
+    # tiny.yaml's report.goals, read off these results: each line met or not, with the numbers it read
+    goal_lines = json.loads((out / "report" / "goals.json").read_text())
+    drop = results["comparisons"]["rl - mle"]["la_rougeL"]
+    assert goal_lines[0]["met"] is (drop["ci_high"] >= 0) and f"{drop['ci_high']:+.4f}]" in goal_lines[0]["numbers"]
+    assert goal_lines[1]["met"] is (results["systems"]["rl"]["unfinished_share"] <= 0.5)
+    assert "## The goal, line by line" in report and "| RL's summaries mostly finish | rl unfinished_share" in report
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")
@@ -67,7 +73,8 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     ppo_run = children[children["tags.mlflow.runName"] == "ppo"].iloc[0]["run_id"]
     steps = [m.step for m in client.get_metric_history(ppo_run, "reward/score_mean")]
     assert steps == [1, 2, 3, 4]
-    assert {"report/report.md", "report/curves.png"} <= {a.path for a in client.list_artifacts(pid, "report")}
+    assert {"report/report.md", "report/curves.png", "report/goals.json"} <= {
+        a.path for a in client.list_artifacts(pid, "report")}
 
 
 def test_rerun_skips_finished_stages_and_refuses_changed_data(tiny_pipeline, tmp_path):

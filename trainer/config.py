@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,15 @@ OFFLINE_DEFAULT_MODEL = "smollm2-135m-instruct"
 # the first). The two parts of one rule never share an example; parts of different rules may.
 PART_RULES = (("dev", "report"), ("fit", "holdout"))
 SPLIT_PARTS = tuple(p for rule in PART_RULES for p in rule)
+# What the pipeline's report measures: its systems (each also post-processed, "<name>+post"), the metrics
+# compared with paired bootstrap intervals, and the comparisons a - b it makes. Here so that `report.goals`
+# is checked when the config loads, hours before the report exists.
+REPORT_SYSTEMS = ("untuned", "mle", "best-of-n", "rl")
+COMPARED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
+REPORT_COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"),
+                      ("rl+post", "mle+post"), ("rl+post", "rl"), ("best-of-n", "mle"), ("rl", "best-of-n"),
+                      ("rl+post", "best-of-n+post"))
+REPORT_VALUES = COMPARED + ("reward", "len/pred_words_mean", "len/ratio_mean", "repetition_share", "unfinished_share")
 
 
 def split_part(split: str) -> tuple[str, str | None]:
@@ -538,6 +548,36 @@ class TrackingConfig:
 
 
 @dataclass
+class GoalConfig:
+    """One line of a goal, written down before the run; the report reads it off its results (met or not,
+    with the numbers). Either `compare` (a comparison and its paired 95% interval) or `system` (a mean)."""
+
+    name: str = ""
+    """How the report names the line, e.g. `raw RL beats raw MLE on la-ROUGE-L`."""
+    compare: str | None = None
+    """One of the report's comparisons, written `a - b` (e.g. `rl - mle`)."""
+    system: str | None = None
+    """One of the report's systems (`untuned`, `mle`, `best-of-n`, `rl`, each also `<name>+post`)."""
+    metric: str = "la_rougeL"
+    """With `compare`: rouge1, rouge2, rougeL, la_rougeL, semantic or reward. With `system`: those or a
+    length or failure statistic (len/pred_words_mean, len/ratio_mean, repetition_share, unfinished_share)."""
+    test: Literal["above_zero", "reaches_zero", "diff_at_least", "at_least", "at_most"] = "above_zero"
+    """With `compare`: `above_zero` (the interval's low end is above 0: a supported gain), `reaches_zero`
+    (its high end is at least 0: no supported loss), `diff_at_least` (the mean difference is at least
+    `value`). With `system`: `at_least` / `at_most` (the mean against `value`)."""
+    value: float = 0.0
+    """The bound of `diff_at_least`, `at_least` and `at_most`."""
+
+
+@dataclass
+class ReportConfig:
+    goals: list[GoalConfig] = field(default_factory=list)
+    """The goal, line by line, fixed in the config before any result exists (`report.goals`); the
+    pipeline's report ends with each line met or not and its numbers, also in results.json. Not part of
+    any stage's identity: a goal changes what is read off the results, never the results."""
+
+
+@dataclass
 class Config:
     output_dir: str = "runs/default"
     """Where every stage writes (`<output_dir>/<stage>/`: model, checkpoints, metrics) and, by default,
@@ -576,6 +616,8 @@ class Config:
     """MLflow (`tracking.*`)."""
     predict: PredictConfig = field(default_factory=PredictConfig)
     """`lastmile predict` (`predict.*`)."""
+    report: ReportConfig = field(default_factory=ReportConfig)
+    """The pipeline's report (`report.*`)."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -640,8 +682,14 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         if name not in raw:
             continue
         typ, value, dotted = hints[name], raw[name], prefix + name
+        item = (typing.get_args(typ) or (None,))[0] if typing.get_origin(typ) is list else None
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, value, dotted + ".", problems)
+        elif dataclasses.is_dataclass(item):
+            if isinstance(value, list):
+                kwargs[name] = [_build(item, v, f"{dotted}[{i}].", problems) for i, v in enumerate(value)]
+            else:
+                problems.append(f"{dotted} ({value!r}) must be a list of mappings.")
         else:
             ok, coerced, expected = _check_type(typ, value)
             if ok:
@@ -760,6 +808,7 @@ def validate(cfg: Config) -> list[str]:
         value = _get_dotted(cfg, name)
         if value and not Path(value).is_file():
             p.append(f"{name} ({value}) does not exist. Point it at a JSONL file of {{\"id\", \"prediction\"}} lines.")
+    p.extend(_goal_problems(cfg))
     if not cfg.output_dir:
         p.append("output_dir ('') must name a folder. Runs write models, checkpoints and metrics there.")
     if not cfg.data.source:
@@ -773,6 +822,48 @@ def validate(cfg: Config) -> list[str]:
         resolve_ds_config_path(cfg.deepspeed.config)
     except ConfigError as e:
         p.append(str(e))
+    return p
+
+
+def report_systems(cfg: Config) -> list[str]:
+    """The systems the pipeline's report evaluates with this config, each raw and post-processed."""
+    names = [n for n in REPORT_SYSTEMS if not ((n == "untuned" and cfg.model.random_init)
+                                               or (n == "best-of-n" and not cfg.best_of_n.in_pipeline))]
+    return [x for n in names for x in (n, f"{n}+post")]
+
+
+def _goal_problems(cfg: Config) -> list[str]:
+    p: list[str] = []
+    systems = report_systems(cfg)
+    comparisons = [f"{a} - {b}" for a, b in REPORT_COMPARISONS if a in systems and b in systems]
+    for i, g in enumerate(cfg.report.goals):
+        at = f"report.goals[{i}]"
+        if not g.name:
+            p.append(f"{at}.name is empty. Name the line as the report should print it, e.g. 'RL beats MLE'.")
+        if (g.compare is None) == (g.system is None):
+            p.append(f"{at} needs exactly one of compare (e.g. 'rl - mle') and system (e.g. 'rl').")
+            continue
+        if g.compare is not None:
+            if g.compare not in comparisons:
+                p.append(f"{at}.compare ({g.compare}) is not a comparison this config's report makes. "
+                         f"Use one of: {', '.join(comparisons)}.")
+            if g.test not in ("above_zero", "reaches_zero", "diff_at_least"):
+                p.append(f"{at}.test ({g.test}) does not apply to a comparison. Use above_zero, reaches_zero "
+                         "or diff_at_least.")
+            if g.metric not in COMPARED + ("reward",):
+                p.append(f"{at}.metric ({g.metric}) is not compared by the report. Use one of: "
+                         f"{', '.join(COMPARED + ('reward',))}.")
+        else:
+            if g.system not in systems:
+                p.append(f"{at}.system ({g.system}) is not a system this config's report evaluates. Use one "
+                         f"of: {', '.join(systems)}.")
+            if g.test not in ("at_least", "at_most"):
+                p.append(f"{at}.test ({g.test}) does not apply to a system. Use at_least or at_most.")
+            if g.metric not in REPORT_VALUES:
+                p.append(f"{at}.metric ({g.metric}) is not in the report's table. Use one of: "
+                         f"{', '.join(REPORT_VALUES)}.")
+        if not math.isfinite(g.value):
+            p.append(f"{at}.value ({g.value}) must be a finite number.")
     return p
 
 

@@ -87,7 +87,7 @@ def make_plan(cfg: Config, command: str, world_size: int) -> RunPlan:
     for name in dict.fromkeys(f for stage in stages for f in SPLITS[stage]):
         plan.add(records.split_problem(cfg.data, name))
     describe = {"sft": _sft, "reward-model": _reward_model, "ppo": _ppo, "best-of-n": _best_of_n,
-                "evaluate": _evaluation, "report": _evaluation}
+                "evaluate": _evaluation, "report": _report}
     for stage in stages:
         plan.stages[stage] = describe[stage](cfg, plan)
     _check_model_inputs(cfg, stages, plan)
@@ -237,6 +237,12 @@ def _best_of_n(cfg: Config, plan: RunPlan) -> str:
 def _evaluation(cfg: Config, plan: RunPlan) -> str:
     n = _examples(cfg, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     return f"data.eval_split ({cfg.data.eval_split})" + ("" if n is None else f", at most {n} examples")
+
+
+def _report(cfg: Config, plan: RunPlan) -> str:
+    goals = cfg.report.goals
+    return _evaluation(cfg, plan) + (f"; the goal's {_n(len(goals), 'line')} (report.goals) read off its results"
+                                     if goals else "")
 
 
 def _n(count: int, noun: str, plural: str | None = None) -> str:

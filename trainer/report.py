@@ -2,7 +2,8 @@
 best-of-n fine-tuning, raw and post-processed, when best_of_n.in_pipeline is set)
 on the same held-out examples (`data.eval_split`), every metric with paired bootstrap 95% intervals,
 training curves, and examples side by side. Written to <output_dir>/report/ (report.md, results.json,
-metrics.png, curves.png) and logged to the pipeline's parent run.
+metrics.png, curves.png) and logged to the pipeline's parent run. With `report.goals` it also gives the
+goal, line by line, met or not (also goals.json).
 
     lastmile pipeline --config trainer/configs/demo.yaml      # ends with this report
 """
@@ -15,13 +16,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from lastmile import distributed, tracking
-from lastmile.config import Config
+from lastmile import checkpoint, distributed, goals, tracking
+from lastmile.config import COMPARED, REPORT_COMPARISONS, Config
 from lastmile.metrics import paired_bootstrap
-from lastmile.stages.evaluate import COMPARED, SystemSpec, evaluate_systems, write_results
+from lastmile.stages.evaluate import SystemSpec, evaluate_systems, write_results
 
-COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"), ("rl+post", "mle+post"),
-               ("rl+post", "rl"), ("best-of-n", "mle"), ("rl", "best-of-n"), ("rl+post", "best-of-n+post"))
 TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "reward", "len/pred_words_mean", "len/ratio_mean",
          "repetition_share", "unfinished_share")
 EXAMPLES = 5
@@ -36,7 +35,7 @@ def run(cfg: Config) -> dict:
     if not cfg.model.random_init:  # a random-init run has no meaningful untuned model
         specs.insert(0, SystemSpec("untuned", model=cfg.model.path))
     folder = out / "report"
-    results = evaluate_systems(cfg, specs, list(COMPARISONS), folder, run_name="evaluate:report")
+    results = evaluate_systems(cfg, specs, list(REPORT_COMPARISONS), folder, run_name="evaluate:report")
     if not distributed.setup().is_main:
         return results
     folder = Path(results["folder"])  # report/, or report-<identity> when report/ holds another evaluation
@@ -44,7 +43,10 @@ def run(cfg: Config) -> dict:
     curves = out / "ppo" / "curves.png"
     if curves.is_file():
         shutil.copyfile(curves, folder / "curves.png")
-    (folder / "report.md").write_text(markdown(results, _ppo_summary(out)) + _examples(folder), encoding="utf-8")
+    lines = goals.check(cfg.report.goals, results)
+    checkpoint.write_json_atomic(folder / "goals.json", goals.as_json(lines))
+    (folder / "report.md").write_text(markdown(results, _ppo_summary(out), lines) + _examples(folder),
+                                      encoding="utf-8")
     _log_to_parent(cfg, folder)
     print(f"Report: {folder / 'report.md'}", flush=True)
     return results
@@ -100,7 +102,7 @@ def _ppo_summary(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def markdown(results: dict, ppo: dict) -> str:
+def markdown(results: dict, ppo: dict, goal_lines: list[goals.GoalLine] = ()) -> str:
     systems = results["systems"]
     lines = [f"# MLE vs RL on {results['n_examples']} held-out examples "
              f"({results['data']['source']}:{results['data']['split']})", "",
@@ -123,6 +125,8 @@ def markdown(results: dict, ppo: dict) -> str:
                   f"{best.get('metric')} {best.get('value', float('nan')):.4f} at iteration {best.get('iteration')}.",
                   f"Alarms: {len(ppo.get('alarms', []))}" + "".join(f"\n- {a}" for a in ppo.get("alarms", [])[:10]),
                   "", "![training curves](curves.png)"]
+    if goal_lines:
+        lines += ["", goals.markdown(list(goal_lines))]
     lines += ["", "![metrics](metrics.png)", ""]
     return "\n".join(lines) + "\n"
 
@@ -172,7 +176,7 @@ def _log_to_parent(cfg: Config, folder: Path) -> None:
     import mlflow
 
     client = mlflow.MlflowClient(tracking.tracking_uri(cfg))
-    for name in ("report.md", "results.json", "metrics.png", "curves.png", "samples.md"):
+    for name in ("report.md", "results.json", "goals.json", "metrics.png", "curves.png", "samples.md"):
         if (folder / name).is_file():
             client.log_artifact(cfg.tracking.parent_run_id, str(folder / name), artifact_path="report")
     results = json.loads((folder / "results.json").read_text())

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from lastmile import checkpoint, distributed, metrics, seeding, tracking
-from lastmile.config import Config, flatten, to_dict
+from lastmile.config import COMPARED, Config, flatten, to_dict  # COMPARED: paired bootstrap a - b, 95% CI
 from lastmile.data.predictions import read_predictions
 from lastmile.data.records import Example, load_split
 from lastmile.distributed import DistInfo
@@ -37,7 +37,6 @@ from lastmile.stages.common import model_identity, write_stage_config
 log = logging.getLogger(__name__)
 
 HEADLINE = ("rouge1", "rouge2", "rougeL", "rougeLsum", "la_rouge1", "la_rouge2", "la_rougeL", "semantic")
-COMPARED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")  # paired bootstrap: a - b, 95% CI
 STAGE_LABELS = {"sft": "sft", "ppo": "rl", "reward_model": "rm"}
 
 
