@@ -573,8 +573,8 @@ class GoalConfig:
 class ReportConfig:
     goals: list[GoalConfig] = field(default_factory=list)
     """The goal, line by line, fixed in the config before any result exists (`report.goals`); the
-    pipeline's report ends with each line met or not and its numbers, also in results.json. Not part of
-    any stage's identity: a goal changes what is read off the results, never the results."""
+    pipeline's report gives each line met or not with its numbers (report.md and goals.json). Not part
+    of any stage's identity: a goal changes what is read off the results, never the results."""
 
 
 @dataclass
