@@ -1,10 +1,14 @@
 """report.goals: checked when the config loads, read off the report's results line by line (hand values)."""
 
+from pathlib import Path
+
 import pytest
 
 from lastmile import goals
 from lastmile.config import GoalConfig, load_config
 from lastmile.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 RESULTS = {
     "systems": {"rl": {"rouge1": 0.44, "unfinished_share": 0.125}, "mle": {"rouge1": 0.43}},
@@ -68,7 +72,7 @@ def test_a_bad_goal_is_refused_when_the_config_loads_naming_the_line_and_the_fix
                     "{name: c, compare: rl - mle, metric: bleu}", "{name: '', system: rl, test: at_least}")
     assert "report.goals[0] needs exactly one of compare" in msg
     assert "report.goals[1].test (above_zero) does not apply to a system" in msg
-    assert "report.goals[2].metric (bleu) is not compared by the report" in msg
+    assert "report.goals[2].metric (bleu) is not compared by this config's report. Use one of: rouge1" in msg
     assert "report.goals[3].name is empty" in msg
     # best-of-n is a system of the report only when best_of_n.in_pipeline is set
     msg = _problems("{name: a, compare: rl - best-of-n}")
@@ -82,7 +86,59 @@ def test_a_bad_goal_is_refused_when_the_config_loads_naming_the_line_and_the_fix
         load_config(None, ["report.goals=3"])
 
 
-def test_goals_are_not_part_of_any_stage_identity():
-    from lastmile.stages.common import SECTIONS, SHARED
+def test_a_semantic_goal_is_refused_when_semantic_similarity_is_off():
+    load_config(None, ["report.goals=[{name: a, compare: rl - mle, metric: semantic}]"])  # minilm: accepted
+    with pytest.raises(ConfigError, match=r"report.goals\[0\].metric \(semantic\) is not compared by this config's "
+                                          r"report \(eval.semantic_model is none\)"):
+        load_config(None, ["report.goals=[{name: a, compare: rl - mle, metric: semantic}]", "eval.semantic_model=none"])
 
-    assert "report" not in SHARED and all("report" not in s for s in SECTIONS.values())
+
+def test_goals_change_no_identity_and_survive_the_written_config(tmp_path):
+    """Goals change what is read off the results, never a stage or the evaluation; a stage's config.yaml
+    with goals loads back as the same config."""
+    from lastmile.config import to_yaml
+    from lastmile.stages.common import stage_identity
+    from lastmile.stages.evaluate import _identity
+
+    with_goals = load_config(ROOT / "trainer" / "configs" / "tiny.yaml")
+    without = load_config(ROOT / "trainer" / "configs" / "tiny.yaml", ["report.goals=[]"])
+    assert with_goals.report.goals and not without.report.goals
+    for stage in ("sft", "reward_model", "best_of_n", "ppo"):
+        assert stage_identity(with_goals, stage, {})["hash"] == stage_identity(without, stage, {})["hash"]
+    assert _identity(with_goals, [], []) == _identity(without, [], [])
+    written = tmp_path / "config.yaml"
+    written.write_text(to_yaml(load_config(ROOT / "trainer" / "configs" / "scitldr_v2.yaml", ["data.source=aclsum"])))
+    again = load_config(written)
+    assert again.report.goals == load_config(ROOT / "trainer" / "configs" / "scitldr_v2.yaml",
+                                             ["data.source=aclsum"]).report.goals
+    assert len(again.report.goals) == 7 and again.report.goals[-1].value == 0.438
+
+
+def test_the_report_says_whether_the_goals_were_written_before_its_results(tmp_path):
+    first = [GoalConfig(name="RL beats MLE", compare="rl - mle")]
+    assert goals.provenance(first, tmp_path).startswith("No record from before the results")
+    goals.record(first, tmp_path)
+    assert goals.provenance(first, tmp_path).startswith("Written down before the results")
+    # changed before any report exists: still the goal written down first, recorded again
+    second = [GoalConfig(name="RL beats MLE by 0.01", compare="rl - mle", test="diff_at_least", value=0.01)]
+    goals.record(second, tmp_path)
+    assert goals.provenance(second, tmp_path).startswith("Written down before the results")
+    # once a report exists the record stays: an edit made with the results in view is said to be one
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "results.json").write_text("{}")
+    goals.record(first, tmp_path)
+    assert goals.provenance(first, tmp_path).startswith("**Changed after the results**")
+    assert goals.provenance(second, tmp_path).startswith("Written down before the results")
+    assert "the pipeline began on" in goals.markdown(goals.check(second, RESULTS), goals.provenance(second, tmp_path))
+
+
+def test_a_pipe_in_a_goal_name_does_not_split_its_row():
+    md = goals.markdown(goals.check([GoalConfig(name="RL | MLE", compare="rl - mle")], RESULTS))
+    assert r"| RL \| MLE | rl - mle la_rougeL" in md
+
+
+def test_the_run_plan_names_the_goal_lines():
+    from lastmile.plan import make_plan
+
+    cfg = load_config(ROOT / "trainer" / "configs" / "tiny.yaml")
+    assert "the goal's 2 lines (report.goals)" in make_plan(cfg, "pipeline", 1).stages["report"]

@@ -43,7 +43,9 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     for name in ("curves.png", "metrics.png", "samples.md"):
         assert (out / "report" / name).stat().st_size > 500
     # tiny.yaml's report.goals, read off these results: each line met or not, with the numbers it read
-    goal_lines = json.loads((out / "report" / "goals.json").read_text())
+    goal_record = json.loads((out / "report" / "goals.json").read_text())
+    goal_lines = goal_record["lines"]
+    assert goal_record["provenance"].startswith("Written down before the results")  # recorded when the run began
     drop = results["comparisons"]["rl - mle"]["la_rougeL"]
     assert goal_lines[0]["met"] is (drop["ci_high"] >= 0) and f"{drop['ci_high']:+.4f}]" in goal_lines[0]["numbers"]
     assert goal_lines[1]["met"] is (results["systems"]["rl"]["unfinished_share"] <= 0.5)

@@ -36,7 +36,8 @@ COMPARED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
 REPORT_COMPARISONS = (("mle", "untuned"), ("mle+post", "mle"), ("rl", "mle"), ("rl", "mle+post"),
                       ("rl+post", "mle+post"), ("rl+post", "rl"), ("best-of-n", "mle"), ("rl", "best-of-n"),
                       ("rl+post", "best-of-n+post"))
-REPORT_VALUES = COMPARED + ("reward", "len/pred_words_mean", "len/ratio_mean", "repetition_share", "unfinished_share")
+REPORT_COMPARED = COMPARED + ("reward",)  # the report adds its reward model's score to every comparison
+REPORT_VALUES = REPORT_COMPARED + ("len/pred_words_mean", "len/ratio_mean", "repetition_share", "unfinished_share")
 
 
 def split_part(split: str) -> tuple[str, str | None]:
@@ -825,16 +826,18 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
-def report_systems(cfg: Config) -> list[str]:
-    """The systems the pipeline's report evaluates with this config, each raw and post-processed."""
+def report_systems(cfg: Config, *, post: bool = True) -> list[str]:
+    """The systems the pipeline's report evaluates with this config (with `post`: each raw and post-processed).
+    No untuned model for a random-init run; best-of-n only when it is a stage of the pipeline."""
     names = [n for n in REPORT_SYSTEMS if not ((n == "untuned" and cfg.model.random_init)
                                                or (n == "best-of-n" and not cfg.best_of_n.in_pipeline))]
-    return [x for n in names for x in (n, f"{n}+post")]
+    return [x for n in names for x in ((n, f"{n}+post") if post else (n,))]
 
 
 def _goal_problems(cfg: Config) -> list[str]:
     p: list[str] = []
     systems = report_systems(cfg)
+    compared = tuple(m for m in REPORT_COMPARED if not (m == "semantic" and cfg.eval.semantic_model == "none"))
     comparisons = [f"{a} - {b}" for a, b in REPORT_COMPARISONS if a in systems and b in systems]
     for i, g in enumerate(cfg.report.goals):
         at = f"report.goals[{i}]"
@@ -850,18 +853,21 @@ def _goal_problems(cfg: Config) -> list[str]:
             if g.test not in ("above_zero", "reaches_zero", "diff_at_least"):
                 p.append(f"{at}.test ({g.test}) does not apply to a comparison. Use above_zero, reaches_zero "
                          "or diff_at_least.")
-            if g.metric not in COMPARED + ("reward",):
-                p.append(f"{at}.metric ({g.metric}) is not compared by the report. Use one of: "
-                         f"{', '.join(COMPARED + ('reward',))}.")
+            if g.metric not in compared:
+                p.append(f"{at}.metric ({g.metric}) is not compared by this config's report"
+                         + (" (eval.semantic_model is none)" if g.metric == "semantic" else "")
+                         + f". Use one of: {', '.join(compared)}.")
         else:
             if g.system not in systems:
                 p.append(f"{at}.system ({g.system}) is not a system this config's report evaluates. Use one "
                          f"of: {', '.join(systems)}.")
             if g.test not in ("at_least", "at_most"):
                 p.append(f"{at}.test ({g.test}) does not apply to a system. Use at_least or at_most.")
-            if g.metric not in REPORT_VALUES:
-                p.append(f"{at}.metric ({g.metric}) is not in the report's table. Use one of: "
-                         f"{', '.join(REPORT_VALUES)}.")
+            values = tuple(m for m in REPORT_VALUES if m not in REPORT_COMPARED or m in compared)
+            if g.metric not in values:
+                p.append(f"{at}.metric ({g.metric}) is not in this config's report table"
+                         + (" (eval.semantic_model is none)" if g.metric == "semantic" else "")
+                         + f". Use one of: {', '.join(values)}.")
         if not math.isfinite(g.value):
             p.append(f"{at}.value ({g.value}) must be a finite number.")
     return p

@@ -16,7 +16,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from lastmile import checkpoint, distributed, preemption, report, tracking
+from lastmile import checkpoint, distributed, goals, preemption, report, tracking
 from lastmile.config import Config, flatten, to_dict
 from lastmile.plan import check_run
 from lastmile.stages import best_of_n, ppo, reward_model, sft
@@ -27,6 +27,8 @@ def run(cfg: Config) -> dict:
     dist = distributed.setup()
     check_run(cfg, "pipeline", dist.world_size)  # every stage's settings, before SFT starts
     parent = _open_parent(cfg) if dist.is_main and cfg.tracking.enabled else None
+    if dist.is_main:  # the goal as it stands before any result, for the report to say whether it changed
+        goals.record(cfg.report.goals, Path(cfg.output_dir))
     ids = distributed.gather_objects(parent)
     cfg = replace(cfg, tracking=replace(cfg.tracking, parent_run_id=ids[0]))
     try:

@@ -17,23 +17,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from lastmile import checkpoint, distributed, goals, tracking
-from lastmile.config import COMPARED, REPORT_COMPARISONS, Config
+from lastmile.config import REPORT_COMPARED, REPORT_COMPARISONS, REPORT_VALUES, Config, report_systems
 from lastmile.metrics import paired_bootstrap
 from lastmile.stages.evaluate import SystemSpec, evaluate_systems, write_results
 
-TABLE = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic", "reward", "len/pred_words_mean", "len/ratio_mean",
-         "repetition_share", "unfinished_share")
 EXAMPLES = 5
 DRAWN = 10
 
 
 def run(cfg: Config) -> dict:
     out = Path(cfg.output_dir)
-    specs = [SystemSpec("mle", model=str(out / "sft" / "model")), SystemSpec("rl", model=str(out / "ppo" / "model"))]
-    if cfg.best_of_n.in_pipeline:  # the cheap baseline RL has to beat, as a system of its own
-        specs.insert(1, SystemSpec("best-of-n", model=str(out / "best_of_n" / "model")))
-    if not cfg.model.random_init:  # a random-init run has no meaningful untuned model
-        specs.insert(0, SystemSpec("untuned", model=cfg.model.path))
+    models = {"untuned": cfg.model.path, "mle": str(out / "sft" / "model"), "rl": str(out / "ppo" / "model"),
+              "best-of-n": str(out / "best_of_n" / "model")}  # best-of-n: the cheap baseline RL has to beat
+    specs = [SystemSpec(name, model=models[name]) for name in report_systems(cfg, post=False)]
     folder = out / "report"
     results = evaluate_systems(cfg, specs, list(REPORT_COMPARISONS), folder, run_name="evaluate:report")
     if not distributed.setup().is_main:
@@ -43,9 +39,9 @@ def run(cfg: Config) -> dict:
     curves = out / "ppo" / "curves.png"
     if curves.is_file():
         shutil.copyfile(curves, folder / "curves.png")
-    lines = goals.check(cfg.report.goals, results)
-    checkpoint.write_json_atomic(folder / "goals.json", goals.as_json(lines))
-    (folder / "report.md").write_text(markdown(results, _ppo_summary(out), lines) + _examples(folder),
+    lines, said = goals.check(cfg.report.goals, results), goals.provenance(cfg.report.goals, out)
+    checkpoint.write_json_atomic(folder / "goals.json", goals.as_json(lines, said))
+    (folder / "report.md").write_text(markdown(results, _ppo_summary(out), lines, said) + _examples(folder),
                                       encoding="utf-8")
     _log_to_parent(cfg, folder)
     print(f"Report: {folder / 'report.md'}", flush=True)
@@ -102,16 +98,16 @@ def _ppo_summary(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def markdown(results: dict, ppo: dict, goal_lines: list[goals.GoalLine] = ()) -> str:
+def markdown(results: dict, ppo: dict, goal_lines: list[goals.GoalLine] = (), goals_provenance: str = "") -> str:
     systems = results["systems"]
     lines = [f"# MLE vs RL on {results['n_examples']} held-out examples "
              f"({results['data']['source']}:{results['data']['split']})", "",
-             "| system | " + " | ".join(_label(k) for k in TABLE if k in next(iter(systems.values()))) + " |",
-             "|---|" + "---|" * sum(k in next(iter(systems.values())) for k in TABLE)]
+             "| system | " + " | ".join(_label(k) for k in REPORT_VALUES if k in next(iter(systems.values()))) + " |",
+             "|---|" + "---|" * sum(k in next(iter(systems.values())) for k in REPORT_VALUES)]
     for name, v in systems.items():
         lines.append(f"| {name} | " + " | ".join(f"{v[k]:.2f}" if k.startswith("len/") or k.endswith("_share") else f"{v[k]:.4f}"
-                                                 for k in TABLE if k in v) + " |")
-    metrics = [m for m in COMPARED + ("reward",) if any(m in c for c in results["comparisons"].values())]
+                                                 for k in REPORT_VALUES if k in v) + " |")
+    metrics = [m for m in REPORT_COMPARED if any(m in c for c in results["comparisons"].values())]
     lines += ["", "Paired bootstrap over examples: difference a - b and its 95% interval (an interval that excludes 0 "
               "is a difference the sample supports).", "",
               "| a - b | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
@@ -126,7 +122,7 @@ def markdown(results: dict, ppo: dict, goal_lines: list[goals.GoalLine] = ()) ->
                   f"Alarms: {len(ppo.get('alarms', []))}" + "".join(f"\n- {a}" for a in ppo.get("alarms", [])[:10]),
                   "", "![training curves](curves.png)"]
     if goal_lines:
-        lines += ["", goals.markdown(list(goal_lines))]
+        lines += ["", goals.markdown(list(goal_lines), goals_provenance)]
     lines += ["", "![metrics](metrics.png)", ""]
     return "\n".join(lines) + "\n"
 

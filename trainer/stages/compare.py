@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from lastmile import checkpoint, metrics, tracking
-from lastmile.config import Config
+from lastmile.config import COMPARED, Config
 from lastmile.errors import UserError
 from lastmile.plots import plot_grid, plot_metric_bars
-from lastmile.stages.evaluate import COMPARED, mlflow_name, read_results
+from lastmile.stages.evaluate import mlflow_name, read_results
 
 REPORTED = ("rouge1", "rouge2", "rougeL", "la_rougeL", "semantic")
 
