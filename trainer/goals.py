@@ -62,7 +62,7 @@ def record(goals: list[GoalConfig], output_dir: Path) -> None:
     path = output_dir / RECORD
     now = [asdict(g) for g in goals]
     if not path.is_file() or json.loads(path.read_text()).get("goals") != now:
-        write_json_atomic(path, {"recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+        write_json_atomic(path, {"recorded_at": datetime.datetime.now(datetime.UTC).isoformat(
             timespec="seconds"), "goals": now})
 
 
