@@ -54,3 +54,43 @@ def test_identical_summaries_are_not_shown_as_differences(tmp_path):
     (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     md = report._examples(tmp_path)
     assert "differ most" not in md and "RL's summary is the same as MLE's on all 8 examples" in md
+
+
+def test_reward_scores_of_fixed_summaries_packed_per_paper_equal_one_row_each():
+    """The report scores every system's summary of a paper in one shared-prefix row (the abstract once):
+    the same scores, to float rounding, as one right-padded row per summary (what it did before), empty
+    summaries included (read at the prompt's end)."""
+    import tempfile
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import TINY
+    from lastmile.config import load_config
+    from lastmile.models import ScalarRewardModel, load_causal_lm, load_reward_backbone
+    from lastmile.rollout import RolloutModels, fixed_rollout, reward_model_scores
+    from lastmile.stages.reward_model import collate_sequences
+
+    cfg = load_config(TINY)
+    lm, _ = load_causal_lm(cfg.model, torch.device("cpu"), seed=0)
+    with tempfile.TemporaryDirectory() as d:
+        lm.save_pretrained(d)
+        rm = ScalarRewardModel(load_reward_backbone(cfg.model, d, torch.device("cpu"), 0, seed=1)[0]).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [tuple(torch.randint(10, 1000, (n,), generator=g).tolist()) for n in (9, 5, 7)]
+    summaries = [[tuple(torch.randint(10, 1000, (n,), generator=g).tolist()) for n in lengths]
+                 for lengths in ((4, 6, 0, 3), (2, 2, 5, 1), (7, 0, 3, 3))]  # 4 systems per paper
+    rows = [(i, j) for i in range(3) for j in range(4)]
+    rollout = fixed_rollout([i for i, _ in rows], [prompts[i] for i, _ in rows], [summaries[i][j] for i, j in rows], 0)
+    tok = SimpleNamespace(eos_token_id=0, pad_token_id=0)
+
+    def scores(shared: bool, micro: int) -> torch.Tensor:
+        models = RolloutModels(actor=None, actor_engine=None, ref=None, rm=rm, critic=None, tokenizer=tok, rm_stats={},
+                               device=torch.device("cpu"), precision="fp32", micro_batch=micro, shared_prefix=shared)
+        return reward_model_scores(rm, rollout, models)
+
+    ids, mask = collate_sequences([prompts[i] + summaries[i][j] for i, j in rows], 0)
+    with torch.no_grad():
+        one_row_each = rm(ids, mask)
+    assert one_row_each.std() > 0
+    for shared, micro in ((True, 4), (True, 8), (False, 8)):
+        assert (scores(shared, micro) - one_row_each).abs().max() < 1e-5, (shared, micro)

@@ -55,34 +55,37 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
     rm_path = Path(cfg.ppo.reward.model or Path(cfg.output_dir) / "reward_model" / "model")
     if not (rm_path / "config.json").is_file() or all("reward" in v for v in results["systems"].values()):
         return results
-    import torch
-
     from lastmile.data.predictions import read_predictions
     from lastmile.data.prompts import PromptBuilder
     from lastmile.data.records import load_split
-    from lastmile.models import ScalarRewardModel, load_reward_backbone, load_tokenizer
+    from lastmile.models import TREE_MASK_ATTENTION, ScalarRewardModel, load_reward_backbone, load_tokenizer
+    from lastmile.rollout import RolloutModels, fixed_rollout, reward_model_scores
     from lastmile.stages.ppo_setup import reward_stats
-    from lastmile.stages.reward_model import collate_sequences, prompt_ids_by_id, summary_ids
+    from lastmile.stages.reward_model import prompt_ids_by_id, summary_ids
 
     device = distributed.setup().device
     tokenizer = load_tokenizer(replace(cfg.model, path=str(rm_path), gguf_file=None, tokenizer_path=None))
     builder = PromptBuilder(tokenizer, cfg.prompt)
     examples = load_split(cfg.data, cfg.data.eval_split, cfg.eval.max_examples or cfg.data.max_eval_examples)
     prompts = prompt_ids_by_id(examples, builder)
-    model = ScalarRewardModel(load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id,
-                                                   seed=cfg.seed)[0])
-    model.to(device).eval()
+    backbone, attn = load_reward_backbone(cfg.model, str(rm_path), device, tokenizer.pad_token_id, seed=cfg.seed)
+    model = ScalarRewardModel(backbone).to(device).eval()
     stats = reward_stats(str(rm_path))
-    micro = cfg.eval.generation.batch_size
-    for name in results["systems"]:
-        texts = read_predictions(folder / f"predictions-{name}.jsonl", examples)
-        seqs = [prompts[e.id] + summary_ids(builder, t) for e, t in zip(examples, texts)]
-        raw: list[float] = []
-        for i in range(0, len(seqs), micro):
-            ids, mask = collate_sequences(seqs[i : i + micro], tokenizer.pad_token_id)
-            with torch.no_grad(), distributed.autocast(cfg.precision, device):
-                raw += model(ids.to(device), mask.to(device)).tolist()
-        scores = [(r - stats["mean"]) / stats["std"] for r in raw]
+    names = list(results["systems"])
+    texts = {name: read_predictions(folder / f"predictions-{name}.jsonl", examples) for name in names}
+    # paper by paper, its systems' summaries in consecutive rows: packed (data/prefix_pack.py), each
+    # document is read once for all of them instead of once per system
+    rows = [(i, name) for i in range(len(examples)) for name in names]
+    rollout = fixed_rollout([i for i, _ in rows], [prompts[examples[i].id] for i, _ in rows],
+                            [summary_ids(builder, texts[name][i]) for i, name in rows], tokenizer.pad_token_id)
+    packed = attn.implementation in TREE_MASK_ATTENTION
+    batch = cfg.eval.generation.batch_size
+    models = RolloutModels(actor=None, actor_engine=None, ref=None, rm=model, critic=None, tokenizer=tokenizer,
+                           rm_stats=stats, device=device, precision=cfg.precision, shared_prefix=packed,
+                           micro_batch=len(names) * max(1, batch // len(names)) if packed else batch)
+    raw = reward_model_scores(model, rollout, models).view(len(examples), len(names))
+    for j, name in enumerate(names):
+        scores = ((raw[:, j] - stats["mean"]) / stats["std"]).tolist()
         results["per_example"][name]["reward"] = scores
         results["systems"][name]["reward"] = sum(scores) / len(scores)
     for comp, by_metric in results["comparisons"].items():

@@ -76,6 +76,23 @@ class Rollout:
         return ids, mask, target
 
 
+def fixed_rollout(example_idx: list[int], prompts: list[tuple[int, ...]], responses: list[tuple[int, ...]],
+                  pad_id: int) -> Rollout:
+    """Rows of given prompt and response tokens, nothing sampled (the report scores fixed summaries with
+    `reward_model_scores`): prompts left-padded, responses right-padded; rows of one prompt consecutive
+    with the same example index, so that the shared-prefix pack takes the prompt once."""
+    B = len(prompts)
+    P, R = max(map(len, prompts)), max(1, max(map(len, responses)))
+    prompt_ids, prompt_mask = torch.full((B, P), pad_id), torch.zeros((B, P), dtype=torch.bool)
+    response_ids, response_mask = torch.full((B, R), pad_id), torch.zeros((B, R), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        prompt_ids[i, P - len(p):], prompt_mask[i, P - len(p):] = torch.tensor(p, dtype=torch.long), True
+        if r:
+            response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r, dtype=torch.long), True
+    return Rollout(tuple(example_idx), prompt_ids, prompt_mask, response_ids, response_mask,
+                   torch.zeros(B, dtype=torch.bool), ("",) * B, torch.zeros((B, R)))
+
+
 def _pick_rows(value, idx: torch.Tensor):
     """Rows `idx` of one Rollout field: a (B, ...) tensor, a (B,) tuple, a dict of (B,) tensors, or None."""
     if value is None:

@@ -67,8 +67,9 @@ def pack_shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, resp
                        response_mask: torch.Tensor, example_idx: tuple[int, ...] | list[int], *, eos_id: int,
                        pad_id: int) -> PrefixPack:
     """prompt_ids (B, P) left-padded, prompt_mask (B, P) bool, response_ids (B, R), response_mask (B, R)
-    bool (True up to and including EOS), example_idx (B,): rows of one prompt are consecutive with the
-    same index and the same prompt tokens. Returns the PrefixPack of the groups (see the module)."""
+    bool (True up to and including EOS; a row may have none: the report's empty summaries), example_idx (B,):
+    rows of one prompt are consecutive with the same index and the same prompt tokens. Returns the
+    PrefixPack of the groups (see the module)."""
     B, R = response_ids.shape
     groups = groups_of(example_idx)
     rows = []  # per group: (tokens, positions, segment of each token: -1 prompt, i response i)
@@ -103,7 +104,8 @@ def pack_shared_prefix(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, resp
         for j, i in enumerate(g):
             r = int(response_mask[i].sum())
             # token m of response j is predicted by the hidden state before it: the prompt's last for m = 0
-            token_index[n : n + r] = base + torch.cat([torch.tensor([p - 1]), torch.arange(start, start + r - 1)])[:r]
+            before = torch.cat([torch.tensor([p - 1]), torch.arange(start, start + max(r - 1, 0))])
+            token_index[n : n + r] = base + before[:r]
             kept = int((response_mask[i] & (response_ids[i] != eos_id)).sum())
             read_index[i] = base + (start + kept - 1 if kept else p - 1)
             n += r
