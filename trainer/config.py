@@ -228,6 +228,11 @@ class RewardModelConfig(TrainConfig):
     samples above it may be good summaries."""
     margin: float = 0.0
     """Bradley-Terry margin: train towards r_ref - r_neg > margin."""
+    shared_prefix: bool = True
+    """Train on each pair as one row: the prompt once, then its reference and its negative, under a tree
+    attention mask (data/prefix_pack.py), so the prompt is processed and back-propagated once per pair
+    instead of twice; the same scores and gradients as two rows, to float rounding. Needs SDPA or eager
+    attention: with flash-attention 2 a micro-batch is packed (`packing`) or padded instead."""
     eval_examples: int | None = None
     """How many examples of data.dev_split (the first N) the per-mode evaluation and `reward_stats.json`
     use; default: data.max_eval_examples."""

@@ -28,14 +28,16 @@ from lastmile.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from lastmile.data import sampling
 from lastmile.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
 from lastmile.data.predictions import read_predictions
+from lastmile.data.prefix_pack import PrefixPack, pack_shared_prefix
 from lastmile.data.prompts import PromptBuilder
 from lastmile.data.records import Example, load_split
 from lastmile.data.sampling import micro_batch_indices
 from lastmile.errors import ConfigError, UserError
 from lastmile.generation import generate_examples
 from lastmile.model_inputs import ANY_LM, CAUSAL_LM, check_model_input
-from lastmile.models import ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
+from lastmile.models import TREE_MASK_ATTENTION, ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
 from lastmile.plots import plot_histograms
+from lastmile.rollout import fixed_rollout
 from lastmile.stages import common
 from lastmile.stages.loop import RewardModelState, TrainContext, train_loop
 
@@ -48,6 +50,7 @@ class EncodedPair:
     chosen: tuple[int, ...]  # prompt + reference tokens (no EOS: the score is read at the last token)
     rejected: tuple[int, ...]  # prompt + negative tokens
     mode: str
+    prompt_len: int  # the prompt's tokens at the start of both
 
 
 def run(cfg: Config) -> Path:
@@ -92,7 +95,9 @@ def run(cfg: Config) -> Path:
     ctx = TrainContext(cfg, dist, cfg.rm, engine, ds, rm, "rm.", tokenizer, plan, total_steps, tracker, stage_dir,
                        "reward-model")
     with tracking.closing(tracker):
-        train_loop(ctx, state, lambda step: rm_train_step(engine, train, step, plan, cfg, dist, tokenizer.pad_token_id),
+        shared = cfg.rm.shared_prefix and attn.implementation in TREE_MASK_ATTENTION
+        train_loop(ctx, state, lambda step: rm_train_step(engine, train, step, plan, cfg, dist, tokenizer.pad_token_id,
+                                                          shared_prefix=shared),
                    on_step=lambda st, m: st.history.append((st.step, m["rm/loss"], m["rm/accuracy"])),
                    show=("rm/loss", "rm/accuracy"))
         _evaluate_and_save(ctx, builder, state)
@@ -167,7 +172,7 @@ def prompt_ids_by_id(examples: list[Example], builder: PromptBuilder) -> dict[st
 
 def encode_pairs(pairs: list[Pair], prompts: dict[str, tuple[int, ...]], builder: PromptBuilder) -> list[EncodedPair]:
     return [EncodedPair(prompts[p.id] + summary_ids(builder, p.chosen), prompts[p.id] + summary_ids(builder, p.rejected),
-                        p.mode) for p in pairs]
+                        p.mode, len(prompts[p.id])) for p in pairs]
 
 
 def summary_ids(builder: PromptBuilder, text: str) -> tuple[int, ...]:
@@ -192,21 +197,39 @@ def pack_sequences(seqs: list[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Ten
     return torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long)
 
 
-def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, cfg: Config, dist, pad_id: int) -> dict:
+def pack_pairs(batch: list[EncodedPair], pad_id: int) -> PrefixPack:
+    """Each pair as one shared-prefix group: its prompt once, then the reference and the negative (rows
+    2i and 2i + 1 of the pack's read_index: chosen, rejected)."""
+    rows = [(i, p.chosen if side == 0 else p.rejected) for i, p in enumerate(batch) for side in (0, 1)]
+    rollout = fixed_rollout([i for i, _ in rows], [batch[i].chosen[: batch[i].prompt_len] for i, _ in rows],
+                            [seq[batch[i].prompt_len :] for i, seq in rows], pad_id)
+    return pack_shared_prefix(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask,
+                              rollout.example_idx, eos_id=-1, pad_id=pad_id)  # summaries hold no EOS: read at the last
+
+
+def rm_train_step(engine, train: list[EncodedPair], step: int, plan: BatchPlan, cfg: Config, dist, pad_id: int, *,
+                  shared_prefix: bool) -> dict:
     stats = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0}
     real = processed = 0
     for group in micro_batch_indices(len(train), step, plan, rank=dist.rank, seed=cfg.seed):
         batch = [train[i] for i in group]
         seqs = [p.chosen for p in batch] + [p.rejected for p in batch]
         with distributed.autocast(cfg.precision, dist.device):
-            if cfg.rm.packing:
+            if shared_prefix:
+                k = pack_pairs(batch, pad_id).to(dist.device)
+                both = engine(k.input_ids, k.attention_mask, k.position_ids, read_index=k.read_index)  # (2n,)
+                scores, ids = torch.cat([both[0::2], both[1::2]]), k.input_ids
+                tokens = sum(len(p.chosen) + len(p.rejected) - p.prompt_len for p in batch)
+            elif cfg.rm.packing:
                 ids, pos = pack_sequences(seqs)
                 scores = engine(ids.to(dist.device), torch.ones_like(ids, dtype=torch.bool).to(dist.device),
                                 pos.to(dist.device))
+                tokens = sum(len(x) for x in seqs)
             else:
                 ids, mask = collate_sequences(seqs, pad_id)
                 scores = engine(ids.to(dist.device), mask.to(dist.device))
-        real, processed = real + sum(len(x) for x in seqs), processed + ids.numel()
+                tokens = sum(len(x) for x in seqs)
+        real, processed = real + tokens, processed + ids.numel()
         n = len(batch)
         loss, st = pairwise_loss(scores[:n], scores[n:], margin=cfg.rm.margin)
         if distributed.all_reduce_sum(0.0 if torch.isfinite(loss) else 1.0) > 0:
