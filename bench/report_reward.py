@@ -1,12 +1,14 @@
-"""Seconds the pipeline's report takes to score fixed summaries with the reward model: one row per summary
-(what the report did up to 2026-12-07) against each document once with all its systems' summaries in one
-shared-prefix row (trainer/report.py `add_reward_scores` now), in one run, alternating.
+"""Seconds the pipeline's report takes to score fixed summaries with the reward model: one right-padded row
+per summary in micro-batches of 8 (the report's code up to 2026-12-07) against each document once with all
+its systems' summaries in one shared-prefix row (trainer/report.py `add_reward_scores` now), in one run,
+alternating.
 
     python bench/report_reward.py                       # 16 documents x 8 systems, 2 rounds
     python bench/report_reward.py --documents 32 --systems 4
 
 SmolLM2-135M-Instruct with a seeded untrained 1-label head (scores are not the point, time is), documents
-cut to the v2 study's 320 tokens, fp32 on CPU, micro-batches of 8 rows (eval.generation.batch_size).
+cut to the v2 study's 320 tokens, fp32 on CPU, micro-batches of 8 rows (eval.generation.batch_size: with 8
+systems, one document per shared-prefix micro-batch).
 Documents: SciTLDR-A validation abstracts from --data (default ../shared/data/scitldr_a, a development
 copy beside the project) or ACLSum's test split when that is absent. The systems' summaries are the
 reference with 0..systems-1 words added, so they differ in length like real systems' summaries. The
@@ -41,7 +43,7 @@ def main() -> None:
     from lastmile.data.records import load_split
     from lastmile.models import ScalarRewardModel, load_reward_backbone, load_tokenizer, resolve_model_path
     from lastmile.rollout import RolloutModels, fixed_rollout, reward_model_scores
-    from lastmile.stages.reward_model import summary_ids
+    from lastmile.stages.reward_model import collate_sequences, summary_ids
 
     torch.set_num_threads(args.threads)
     data = DataConfig(source=str(args.data)) if args.data else DataConfig()
@@ -60,14 +62,27 @@ def main() -> None:
     print(f"{len(examples)} documents ({data.source}) x {args.systems} systems; prompt tokens per document "
           f"{statistics.mean(map(len, prompts)):.0f}, summary tokens {statistics.mean(map(len, summaries)):.1f}; "
           f"attention {attn.implementation}; {args.threads} threads, fp32")
+    seqs = [prompts[i] + summaries[r] for r, (i, _) in enumerate(rows)]
+
+    def one_row_per_summary() -> torch.Tensor:  # the report's code up to 2026-12-07, micro-batch by micro-batch
+        out = []
+        for b in range(0, len(seqs), 8):
+            ids, mask = collate_sequences(seqs[b : b + 8], tokenizer.pad_token_id)
+            with torch.no_grad():
+                out.append(rm(ids, mask))
+        return torch.cat(out)
+
+    def shared_prefix() -> torch.Tensor:  # the report's code now
+        models = RolloutModels(actor=None, actor_engine=None, ref=None, rm=rm, critic=None, tokenizer=tokenizer,
+                               rm_stats={}, device=device, precision="fp32", micro_batch=8, shared_prefix=True)
+        return reward_model_scores(rm, rollout, models)
+
     times: dict[str, list[float]] = {"one row per summary": [], "shared prefix": []}
     scores = {}
     for _ in range(args.rounds):
-        for name, shared in (("one row per summary", False), ("shared prefix", True)):
-            models = RolloutModels(actor=None, actor_engine=None, ref=None, rm=rm, critic=None, tokenizer=tokenizer,
-                                   rm_stats={}, device=device, precision="fp32", micro_batch=8, shared_prefix=shared)
+        for name, score in (("one row per summary", one_row_per_summary), ("shared prefix", shared_prefix)):
             start = time.perf_counter()
-            scores[name] = reward_model_scores(rm, rollout, models)
+            scores[name] = score()
             times[name].append(time.perf_counter() - start)
     for name, t in times.items():
         print(f"{name}: median {statistics.median(t):.1f} s for {len(rows)} summaries ({', '.join(f'{x:.1f}' for x in t)})")

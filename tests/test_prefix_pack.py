@@ -191,7 +191,9 @@ def test_reward_model_training_pairs_share_their_prompt_with_the_same_gradients(
     pairs = []
     for i in range(4):
         prompt = tuple(torch.randint(10, 1000, (9 - i,), generator=g).tolist())
-        ref, neg = (tuple(torch.randint(10, 1000, (n,), generator=g).tolist()) for n in (3 + i, 5 - i))
+        ref, neg = (tuple(torch.randint(10, 1000, (n,), generator=g).tolist()) for n in (3 + i, 3 - i))
+        # random-token negatives may hold the pad/EOS id (0 here) mid-summary: it is read past, like any token
+        neg = neg[:1] + (0,) + neg[1:] if i == 1 else neg  # pair 3's negative is empty: read at the prompt's end
         pairs.append(EncodedPair(prompt + ref, prompt + neg, "random_tokens", len(prompt)))
     plan = plan_batches(4, 2, 1, field_prefix="rm")
 

@@ -85,7 +85,7 @@ def add_reward_scores(cfg: Config, folder: Path, results: dict) -> dict:
                            micro_batch=len(names) * max(1, batch // len(names)) if packed else batch)
     raw = reward_model_scores(model, rollout, models).view(len(examples), len(names))
     for j, name in enumerate(names):
-        scores = ((raw[:, j] - stats["mean"]) / stats["std"]).tolist()
+        scores = [(r - stats["mean"]) / stats["std"] for r in raw[:, j].tolist()]
         results["per_example"][name]["reward"] = scores
         results["systems"][name]["reward"] = sum(scores) / len(scores)
     for comp, by_metric in results["comparisons"].items():

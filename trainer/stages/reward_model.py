@@ -88,14 +88,15 @@ def run(cfg: Config) -> Path:
                              record=stage_dir / "mlflow_run.json",
                              upstream_run_id=tracking.upstream_run_id(cfg.output_dir, "sft"))
     state.run_id = tracker.run_id
+    shared = cfg.rm.shared_prefix and attn.implementation in TREE_MASK_ATTENTION
+    layout = "shared_prefix" if shared else "packed" if cfg.rm.packing else "padded"  # how a micro-batch's pairs sit
     common.write_stage_config(start.as_given(cfg), stage_dir, tracker, dist, runtime={
         "precision": cfg.precision, "attention": attn.implementation, "world_size": dist.world_size,
-        "train_pairs": len(train),
+        "train_pairs": len(train), "layout": layout,
         "total_steps": total_steps})
     ctx = TrainContext(cfg, dist, cfg.rm, engine, ds, rm, "rm.", tokenizer, plan, total_steps, tracker, stage_dir,
                        "reward-model")
     with tracking.closing(tracker):
-        shared = cfg.rm.shared_prefix and attn.implementation in TREE_MASK_ATTENTION
         train_loop(ctx, state, lambda step: rm_train_step(engine, train, step, plan, cfg, dist, tokenizer.pad_token_id,
                                                           shared_prefix=shared),
                    on_step=lambda st, m: st.history.append((st.step, m["rm/loss"], m["rm/accuracy"])),
