@@ -85,7 +85,8 @@ def main() -> None:
             scores[name] = score()
             times[name].append(time.perf_counter() - start)
     for name, t in times.items():
-        print(f"{name}: median {statistics.median(t):.1f} s for {len(rows)} summaries ({', '.join(f'{x:.1f}' for x in t)})")
+        each = ", ".join(f"{x:.1f}" for x in t)
+        print(f"{name}: median {statistics.median(t):.1f} s for {len(rows)} summaries ({each})")
     ratio = statistics.median(times["one row per summary"]) / statistics.median(times["shared prefix"])
     diff = (scores["one row per summary"] - scores["shared prefix"]).abs().max().item()
     print(f"shared prefix is {ratio:.2f}x one row per summary; max |score difference| {diff:.2e}")
