@@ -417,3 +417,31 @@ def test_stale_torch_extension_build_lock_is_removed(tmp_path):
     assert clear_stale_build_locks(tmp_path, older_than_s=600) == [stale]
     assert not stale.exists() and fresh.exists()
     assert clear_stale_build_locks(tmp_path / "absent") == []
+
+
+def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):
+    """Every rank checks that output_dir is writable as it starts, on the same filesystem at the same
+    moment. With one shared probe name, one rank's cleanup removed the other's probe and a 2-rank Slurm
+    job failed with "output_dir ... is not writable: No such file or directory" (seen 2026-12-07)."""
+    import threading
+
+    from lastmile import preflight
+    from lastmile.config import load_config
+
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", "tracking.enabled=false"])
+    errors: list[BaseException] = []
+
+    def rank() -> None:
+        for _ in range(300):
+            try:
+                preflight.check(cfg)
+            except BaseException as e:  # noqa: BLE001 - every failure is the finding
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=rank) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and not any((tmp_path / "out").iterdir())  # and no probe left behind

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -47,9 +48,10 @@ def check(cfg: Config, command: str | None = None) -> None:
         raise UserError(f"output_dir ({out}) is a file. Point output_dir at a folder (it is created if missing).")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        # a name of this process's own: ranks on one filesystem probe at once, and a shared name raced
+        # (one rank's unlink removed the other's file: "not writable: No such file or directory")
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-") as probe:
+            probe.write(b"ok")
     except OSError as e:
         raise UserError(f"output_dir ({out}) is not writable: {e.strerror}. Choose a folder you can write to, or fix "
                         "its permissions.") from None
