@@ -1,6 +1,7 @@
 """Best-of-n on the tiny preset, in this process: n samples per training example, the best by PPO's
 hybrid reward kept, the init model fine-tuned on them; a sampling cut short resumes with the missing
-chunks only; a finished stage is skipped; `lastmile validate --for best-of-n` shows its plan.
+chunks only; a stop signal ends the sampling after the chunk in progress; a finished stage is skipped;
+`lastmile validate --for best-of-n` shows its plan.
 
 The init model is the tiny random LM and the reward model a random head on it (conftest): what is
 tested is the machinery, not which summary is good."""
@@ -8,12 +9,16 @@ tested is the machinery, not which summary is good."""
 import contextlib
 import io
 import json
+import os
+import shutil
+import signal
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY, signals_kept, tiny_inputs
-from lastmile import rollout
+from conftest import ROOT, TINY, clean_env, run_cli, signals_kept, tiny_inputs
+from lastmile import preemption, rollout
 from lastmile.config import load_config
 from lastmile.data.records import load_split
 from lastmile.stages import best_of_n
@@ -28,20 +33,24 @@ class Interrupted(Exception):
     pass
 
 
-def _run(cfg, *, stop_at: int | None = None) -> SimpleNamespace:
+def _run(cfg, *, stop_at: int | None = None, signal_at: int | None = None) -> SimpleNamespace:
     """best_of_n.run, counting rollout.sample calls (one per chunk); `stop_at`: raise at that call, as a
-    kill in the middle of sampling would stop it. Returns the calls' example rows and what it printed."""
+    kill in the middle of sampling would stop it; `signal_at`: send this process SIGTERM during that
+    call, as a scheduler would. Returns the calls' example rows and what it printed."""
     calls, real = [], rollout.sample
 
     def sample(models, prompts, example_idx, *args, **kwargs):
         calls.append(list(example_idx))
         if len(calls) == stop_at:
             raise Interrupted
+        if len(calls) == signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler the stage installed only notes it
         return real(models, prompts, example_idx, *args, **kwargs)
 
     printed = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, signals_kept(), contextlib.redirect_stdout(printed):
         mp.setattr(rollout, "sample", sample)
+        mp.setattr(preemption, "_requested", [])  # this test's stop requests end with it
         try:
             best_of_n.run(cfg)
         except Interrupted:
@@ -80,6 +89,18 @@ def test_an_interrupted_sampling_samples_only_the_missing_chunks(stage):
     kept_rows = [json.loads(x) for text in stage.kept.values() for x in text.splitlines()]
     assert stage.rows[:4] == kept_rows  # the kept chunks as they were written
     assert not (stage.dir / "samples").exists()  # samples.jsonl holds them now
+
+
+def test_a_stop_signal_ends_the_sampling_after_the_chunk_in_progress(tmp_path, tiny_lm, tokenizer):
+    init, rm = tiny_inputs(tmp_path, tiny_lm, tokenizer)
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", f"best_of_n.init={init}", f"ppo.reward.model={rm}",
+                             "tracking.enabled=false", *SETTINGS])
+    with pytest.raises(preemption.Preempted, match="stopped with 2 of 3 chunks of best-of-n kept"):
+        _run(cfg, signal_at=2)
+    folder = tmp_path / "out" / "best_of_n" / "samples"
+    assert sorted(f.name for f in folder.iterdir()) == ["chunk-000000.jsonl", "chunk-000001.jsonl"]
+    assert not (tmp_path / "out" / "best_of_n" / "samples.jsonl").exists()
+    assert not (tmp_path / "out" / "best_of_n" / "checkpoints").exists()  # the fine-tune had not begun
 
 
 def test_the_fine_tuned_model_is_published_and_differs_from_the_init_model(stage):
@@ -128,3 +149,28 @@ def test_bad_settings_are_reported_at_once():
     for problem in ("best_of_n.samples_per_example (0) must be greater than 0",
                     "best_of_n.top_p (1.5) must be in (0, 1]", "best_of_n.lr (-1.0) must be greater than 0"):
         assert problem in str(e.value)
+
+
+@pytest.mark.slow  # two launches, about a minute and a half: `make test-slow`
+@pytest.mark.distributed
+def test_two_rank_zero3_sampling_equals_one_process(tiny_pipeline, tmp_path):
+    """Two ranks under ZeRO-3 sample the 3 chunks in two rounds (in the second, rank 1 samples the last chunk
+    again and writes nothing): the same samples and scores as one process, each chunk seeded by its index."""
+    if shutil.which("deepspeed") is None:
+        pytest.skip("deepspeed launcher not on PATH")
+    src, _ = tiny_pipeline
+    given = [f"best_of_n.init={src / 'sft' / 'model'}", f"ppo.reward.model={src / 'reward_model' / 'model'}",
+             "tracking.enabled=false", *SETTINGS, "sft.micro_batch_size=1"]  # the fine-tune: a micro-batch per rank
+    one = run_cli("best-of-n", "--config", str(TINY), f"output_dir={tmp_path / 'one'}", *given)
+    assert one.returncode == 0, one.stderr[-3000:]
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29527", "trainer/main.py", "best-of-n", "--config",
+           str(TINY), f"output_dir={tmp_path / 'two'}", "deepspeed.config=zero3", *given]
+    two = subprocess.run(cmd, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
+    a, b = ([json.loads(x) for x in (tmp_path / d / "best_of_n" / "samples.jsonl").read_text().splitlines()]
+            for d in ("one", "two"))
+    assert [r["id"] for r in a] == [r["id"] for r in b] and len(a) == 6
+    assert [[x["text"] for x in r["samples"]] for r in a] == [[x["text"] for x in r["samples"]] for r in b]
+    assert [x["score"] for r in a for x in r["samples"]] == pytest.approx(
+        [x["score"] for r in b for x in r["samples"]], abs=1e-4)

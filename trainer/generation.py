@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
-
 from lastmile import distributed
 from lastmile.config import Config, GenerationConfig
 from lastmile.data.collate import collate_prompts
@@ -17,6 +16,7 @@ from lastmile.data.records import Example
 from lastmile.distributed import DistInfo
 from lastmile.hybrid_engine import HybridEngine
 from lastmile.models import hidden_size_of, load_causal_lm, load_tokenizer
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -68,33 +68,62 @@ def load_generator(cfg: Config, model_path: str, device: torch.device, *, ds: di
     return tokenizer, lm, attn
 
 
-def generate_examples(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo, gen: GenerationConfig, *,
-                      desc: str | None = None) -> list[str]:
-    """One summary per example from the model at `model_path`, in order, with the settings `gen`.
-    Data-parallel: each rank generates its shard. Under ZeRO-3 with several ranks the
-    model is loaded partitioned (no rank holds it whole while loading) and generates through the
-    hybrid engine's generation mode, gathered once (or per layer when it does not fit the device)."""
+@dataclass
+class Generator:
+    """A published model loaded for generation on this rank. Under ZeRO-3 with several ranks it is
+    loaded partitioned (no rank holds it whole while loading) and generates through the hybrid engine's
+    generation mode, gathered once (or per layer when it does not fit the device): then every rank must
+    call `texts` with the same number of prompts."""
+
+    tokenizer: Any
+    lm: torch.nn.Module
+    hybrid: HybridEngine | None
+    precision: str
+    device: torch.device
+
+    @property
+    def collective(self) -> bool:
+        return self.hybrid is not None
+
+    def texts(self, prompts: list[TokenizedExample], gen: GenerationConfig, *, show_progress: bool = False,
+              desc: str = "generate") -> list[str]:
+        run = {"autocast_ctx": distributed.autocast(self.precision, self.device), "show_progress": show_progress,
+               "desc": desc}
+        if self.hybrid is None:
+            return generate(self.lm, self.tokenizer, prompts, gen, self.device, **run)
+        with self.hybrid.generation_mode():
+            return generate(self.lm, self.tokenizer, prompts, gen, self.device, synced_gpus=self.hybrid.synced_gpus,
+                            **run)
+
+
+def open_generator(model_path: str, cfg: Config, dist: DistInfo) -> Generator:
+    """The model at `model_path` ready to generate on this rank (`Generator`)."""
     ds = _partitioned_inference_config(cfg, model_path, dist)
     tokenizer, lm, attn = load_generator(cfg, model_path, dist.device, ds=ds)
     if dist.is_main:
         log.info("generating with %s (attention: %s%s)", model_path, attn.implementation,
                  ", ZeRO-3 partitioned" if ds else "")
-    prompts, report = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
+    hybrid = None if ds is None else HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
+                                                  gather=cfg.deepspeed.generation_gather, world_size=dist.world_size)
+    return Generator(tokenizer, lm if ds is not None else lm.to(dist.device), hybrid, cfg.precision, dist.device)
+
+
+def generate_examples(model_path: str, cfg: Config, examples: list[Example], dist: DistInfo, gen: GenerationConfig, *,
+                      desc: str | None = None) -> list[str]:
+    """One summary per example from the model at `model_path`, in order, with the settings `gen`.
+    Data-parallel: each rank generates its shard (`open_generator` for ZeRO-3)."""
+    g = open_generator(model_path, cfg, dist)
+    prompts, report = PromptBuilder(g.tokenizer, cfg.prompt).tokenize(examples, with_response=False)
     if dist.is_main:
         log.info("prompts: %s", report.describe())
     shard = list(range(dist.rank, len(prompts), dist.world_size))
-    run = dict(autocast_ctx=distributed.autocast(cfg.precision, dist.device), show_progress=dist.is_main,
-               desc=desc or f"generate ({Path(model_path).name})")
-    if ds is None:
-        texts = generate(lm.to(dist.device), tokenizer, [prompts[i] for i in shard], gen, dist.device, **run)
+    run = {"show_progress": dist.is_main, "desc": desc or f"generate ({Path(model_path).name})"}
+    if not g.collective:
+        texts = g.texts([prompts[i] for i in shard], gen, **run)
     else:
-        hybrid = HybridEngine(distributed.inference_engine(lm, ds, dist.device), lm, ds, dist.device,
-                              gather=cfg.deepspeed.generation_gather, world_size=dist.world_size)
         per_rank = -(-len(prompts) // dist.world_size)  # equal batch counts on every rank: layer mode's collectives
         padded = shard + (shard[-1:] or [0]) * (per_rank - len(shard))
-        with hybrid.generation_mode():
-            texts = generate(lm, tokenizer, [prompts[i] for i in padded], gen, dist.device,
-                             synced_gpus=hybrid.synced_gpus, **run)[: len(shard)]
+        texts = g.texts([prompts[i] for i in padded], gen, **run)[: len(shard)]
     out: list[str] = [""] * len(prompts)
     for idx, txts in zip(distributed.gather_objects(shard), distributed.gather_objects(texts)):
         for i, t in zip(idx, txts):

@@ -11,23 +11,22 @@ model is fine-tuned on (document, kept summary) by SFT's training (`sft.fine_tun
 
 Writes <output_dir>/best_of_n/: samples.jsonl (per example: its samples with their scores, and the
 chosen one), model/ (Hugging Face format), metrics.json, loss_curve.png, config.yaml, run.json.
-Sampling goes in chunks of `best_of_n.batch_size` examples per rank, each kept in samples/ as soon as it
-is scored, so that a rerun after a kill samples only the chunks that are missing (each chunk's seed
-depends on its index alone); a kill during the fine-tune resumes from its newest checkpoint.
+Sampling goes in chunks of `best_of_n.batch_size` examples per rank (`lastmile.chunks`), each kept in
+samples/ as soon as it is scored, so that a rerun after a kill samples only the chunks that are missing
+(each chunk's seed depends on its index alone); a stop signal (SIGTERM, SIGUSR1) ends the stage after
+the chunk being sampled, with exit 75; a kill or stop during the fine-tune resumes from its newest
+checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
-import json
 import logging
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from lastmile import checkpoint, distributed, rollout, seeding, tracking
+from lastmile import chunks, distributed, rollout, seeding, tracking
 from lastmile.config import Config
 from lastmile.data.prompts import PromptBuilder, TokenizedExample
 from lastmile.data.records import Example, load_split
@@ -35,8 +34,14 @@ from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
 from lastmile.hybrid_engine import HybridEngine, Sampling
 from lastmile.model_inputs import CAUSAL_LM, REWARD_MODEL, check_model_input, check_same_vocabulary
-from lastmile.models import (TREE_MASK_ATTENTION, ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone,
-                             load_tokenizer)
+from lastmile.models import (
+    TREE_MASK_ATTENTION,
+    ScalarRewardModel,
+    hidden_size_of,
+    load_causal_lm,
+    load_reward_backbone,
+    load_tokenizer,
+)
 from lastmile.rollout import RolloutModels
 from lastmile.stages import common, ppo_setup, sft
 
@@ -88,43 +93,25 @@ def _check_inputs(cfg: Config, init: str, rm_path: str):
 def sample_best(cfg: Config, start: common.StageStart, examples: list[Example], init: str, rm_path: str,
                 tokenizer) -> list[dict]:
     """One row per example (samples.jsonl): from samples.jsonl when sampling finished, else sampled chunk by
-    chunk, each chunk file written by the rank that sampled it; chunk files already there are kept."""
-    dist, stage_dir, b = start.dist, start.stage_dir, cfg.best_of_n
+    chunk (`chunks.run`: each chunk kept as soon as it is scored, a stop signal honoured between chunks)."""
+    dist, stage_dir = start.dist, start.stage_dir
     samples_file, folder = stage_dir / "samples.jsonl", stage_dir / "samples"
     if samples_file.is_file():
-        return _read_rows(samples_file)
-    chunks = [list(range(i, min(i + b.batch_size, len(examples)))) for i in range(0, len(examples), b.batch_size)]
-    todo = [k for k in range(len(chunks)) if not _chunk_file(folder, k).is_file()]
-    distributed.barrier()  # every rank has listed the chunks before any rank writes one
-    if todo:
-        _sample_chunks(cfg, dist, examples, chunks, todo, folder, _sampling_models(cfg, dist, init, rm_path, tokenizer))
-    distributed.barrier()
-    rows = [row for k in range(len(chunks)) for row in _read_rows(_chunk_file(folder, k))]
-    distributed.barrier()  # every rank has read the chunks before rank 0 removes them
-    if dist.is_main:
-        checkpoint.write_text_atomic(samples_file, "".join(json.dumps(r) + "\n" for r in rows))
-        shutil.rmtree(folder)
+        return chunks.read_rows(samples_file)
+    parts = chunks.split(len(examples), cfg.best_of_n.batch_size)
+
+    @functools.cache
+    def sampler() -> tuple[RolloutModels, list[TokenizedExample]]:  # loaded for the first chunk that is missing
+        prompts, _ = PromptBuilder(tokenizer, cfg.prompt).tokenize(examples, with_response=False)
+        return _sampling_models(cfg, dist, init, rm_path, tokenizer), prompts
+
+    def work(k: int, idx: list[int]) -> list[dict]:
+        models, prompts = sampler()
+        return sample_chunk(cfg, models, examples, prompts, idx, chunk=k)
+
+    rows = chunks.run(folder, parts, work, dist, desc="best-of-n")
+    chunks.finish(folder, samples_file, rows, dist)
     return rows
-
-
-def _sample_chunks(cfg: Config, dist: DistInfo, examples: list[Example], chunks: list[list[int]], todo: list[int],
-                   folder: Path, models: RolloutModels) -> None:
-    """The chunks `todo`, round-robin over ranks. Every rank runs the same number of rounds, each one
-    generate call and one reward-model forward (ZeRO-3's forwards are collective): a rank past the end
-    samples the last chunk again and writes nothing."""
-    prompts, _ = PromptBuilder(models.tokenizer, cfg.prompt).tokenize(examples, with_response=False)
-    folder.mkdir(parents=True, exist_ok=True)
-    world = dist.world_size
-    bar = tqdm(total=len(examples), initial=len(examples) - sum(len(chunks[k]) for k in todo), desc="best-of-n",
-               unit="ex", disable=not dist.is_main)
-    for first in range(0, len(todo), world):
-        i = first + dist.rank
-        k = todo[min(i, len(todo) - 1)]
-        rows = sample_chunk(cfg, models, examples, prompts, chunks[k], chunk=k)
-        if i < len(todo):
-            checkpoint.write_text_atomic(_chunk_file(folder, k), "".join(json.dumps(r) + "\n" for r in rows))
-        bar.update(sum(len(chunks[j]) for j in todo[first : first + world]))
-    bar.close()
 
 
 def sample_chunk(cfg: Config, models: RolloutModels, examples: list[Example], prompts: list[TokenizedExample],
@@ -175,11 +162,3 @@ def sampling_metrics(rows: list[dict]) -> dict[str, float]:
     return {"best_of_n/chosen_score_mean": sum(r["chosen_score"] for r in rows) / len(rows),
             "best_of_n/sample_score_mean": sum(scores) / len(scores),
             "best_of_n/chosen_length_ratio_mean": sum(r["chosen_length_ratio"] for r in rows) / len(rows)}
-
-
-def _chunk_file(folder: Path, k: int) -> Path:
-    return folder / f"chunk-{k:06d}.jsonl"
-
-
-def _read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

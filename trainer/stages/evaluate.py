@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lastmile import checkpoint, distributed, metrics, seeding, tracking
+from lastmile import checkpoint, distributed, metrics, preemption, seeding, tracking
 from lastmile.config import COMPARED, Config, flatten, to_dict  # COMPARED: paired bootstrap a - b, 95% CI
 from lastmile.data.predictions import read_predictions
 from lastmile.data.records import Example, load_split
@@ -116,9 +116,13 @@ def evaluate_systems(cfg: Config, specs: list[SystemSpec], comparisons: list[tup
                                                             "examples": len(examples), "precision": decoding.precision})
     with tracking.closing(tracker):
         systems = []
-        for spec in specs:
+        for n, spec in enumerate(specs, 1):
             s = _system(spec, decoding, examples, dist)
             systems += [s, System(f"{s.name}+post", s.source, tuple(metrics.postprocess(p) for p in s.predictions))]
+            if n < len(specs) and preemption.requested():  # a stop signal: the generations so far are kept
+                done = ", ".join(sp.name for sp in specs[:n])
+                raise preemption.Preempted(f"stopped after generating {n} of {len(specs)} systems ({done}); the next "
+                                           "run reuses their kept generations")
         if not dist.is_main:
             return {}
         results = score_systems(systems, examples, cfg, comparisons) | {"folder": str(folder)}

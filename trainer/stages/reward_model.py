@@ -15,25 +15,25 @@ plus reward_stats.json), results.json, fooled.md, scores.png, checkpoints/.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-from lastmile import checkpoint, distributed, metrics, seeding, tracking
+from lastmile import checkpoint, chunks, distributed, metrics, seeding, tracking
 from lastmile.algorithms.losses import auroc, pairwise_loss
 from lastmile.config import FAILURE_MODES, BatchPlan, Config, plan_batches
 from lastmile.data import sampling
 from lastmile.data.negatives import NegativeContext, Pair, make_pairs, pairs_for_every_mode
 from lastmile.data.predictions import read_predictions
 from lastmile.data.prefix_pack import PrefixPack, pack_shared_prefix
-from lastmile.data.prompts import PromptBuilder
+from lastmile.data.prompts import PromptBuilder, TokenizedExample
 from lastmile.data.records import Example, load_split
 from lastmile.data.sampling import micro_batch_indices
 from lastmile.errors import ConfigError, UserError
-from lastmile.generation import generate_examples
+from lastmile.generation import Generator, open_generator
 from lastmile.model_inputs import ANY_LM, CAUSAL_LM, check_model_input
 from lastmile.models import TREE_MASK_ATTENTION, ScalarRewardModel, hidden_size_of, load_reward_backbone, load_tokenizer
 from lastmile.plots import plot_histograms
@@ -148,23 +148,43 @@ def negative_context(tokenizer, examples: list[Example]) -> NegativeContext:
                            count_tokens=lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
+POLICY_SAMPLE_CHUNK = 64  # papers per kept chunk of policy samples (about a minute each for SmolLM2-135M on 2 cores)
+
+
 def policy_negatives(cfg: Config, examples: list[Example], dist, cache: Path) -> list[Pair]:
     """The policy's own sampled summaries whose ROUGE-L against the reference is low. The samples are
-    drawn once (seeded) and kept in `cache`, so a resumed stage trains on the same pairs without
-    sampling again."""
-    if cache.is_file():
-        texts = read_predictions(cache, examples)
-    else:
-        seeding.seed_everything(cfg.seed, stage="rm_policy_negatives", rank=dist.rank)  # each rank samples its shard
-        gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
-        texts = generate_examples(cfg.rm.policy_negatives_model, cfg, examples, dist, gen, desc="policy samples")
-        if dist.is_main:
-            checkpoint.write_text_atomic(cache, "".join(json.dumps({"id": e.id, "prediction": t}) + "\n"
-                                                        for e, t in zip(examples, texts)))
-        distributed.barrier()
+    drawn once and kept in `cache`, so a resumed stage trains on the same pairs without sampling again;
+    while they are drawn, each chunk of POLICY_SAMPLE_CHUNK papers is kept as soon as it is done, seeded
+    by its index (`lastmile.chunks`: a kill loses one chunk, a stop signal ends the stage after one)."""
+    texts = [r["prediction"] for r in policy_samples(cfg, examples, dist, cache)]
     scores = metrics.rouge_per_example(texts, [list(e.references) for e in examples])["rougeL"]
     return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, texts, scores)
             if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
+
+
+def policy_samples(cfg: Config, examples: list[Example], dist, cache: Path) -> list[dict]:
+    """`{"id", "prediction"}` per example, in order: one sample at T = 1 from rm.policy_negatives_model."""
+    if cache.is_file():
+        texts = read_predictions(cache, examples)
+        return [{"id": e.id, "prediction": t} for e, t in zip(examples, texts)]
+    gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
+
+    @functools.cache
+    def sampler() -> tuple[Generator, list[TokenizedExample]]:  # loaded for the first chunk that is missing
+        g = open_generator(cfg.rm.policy_negatives_model, cfg, dist)
+        return g, PromptBuilder(g.tokenizer, cfg.prompt).tokenize(examples, with_response=False)[0]
+
+    def work(k: int, idx: list[int]) -> list[dict]:
+        g, prompts = sampler()
+        seeding.seed_everything(cfg.seed, stage="rm_policy_negatives", step=k)  # the chunk's, on any rank
+        padded = idx + idx[-1:] * (POLICY_SAMPLE_CHUNK - len(idx)) if g.collective else idx  # equal calls per rank
+        texts = g.texts([prompts[i] for i in padded], gen)[: len(idx)]
+        return [{"id": examples[i].id, "prediction": t} for i, t in zip(idx, texts)]
+
+    folder = cache.with_suffix("")
+    rows = chunks.run(folder, chunks.split(len(examples), POLICY_SAMPLE_CHUNK), work, dist, desc="policy samples")
+    chunks.finish(folder, cache, rows, dist)
+    return rows
 
 
 def prompt_ids_by_id(examples: list[Example], builder: PromptBuilder) -> dict[str, tuple[int, ...]]:
