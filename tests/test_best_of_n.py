@@ -166,7 +166,7 @@ def test_two_rank_zero3_sampling_equals_one_process(tiny_pipeline, tmp_path):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29527", "trainer/main.py", "best-of-n", "--config",
            str(TINY), f"output_dir={tmp_path / 'two'}", "deepspeed.config=zero3", *given]
     two = subprocess.run(cmd, cwd=ROOT, env=clean_env(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"), capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, check=False)
     assert two.returncode == 0, (two.stdout + two.stderr)[-4000:]
     a, b = ([json.loads(x) for x in (tmp_path / d / "best_of_n" / "samples.jsonl").read_text().splitlines()]
             for d in ("one", "two"))
