@@ -16,9 +16,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from lastmile import checkpoint, distributed, preemption
 from lastmile.distributed import DistInfo
-from tqdm.auto import tqdm
 
 # (chunk index, the item indices in it) -> one JSON-able row per item, in order
 Work = Callable[[int, list[int]], list[dict]]

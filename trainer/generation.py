@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
 from lastmile import distributed
 from lastmile.config import Config, GenerationConfig
 from lastmile.data.collate import collate_prompts
@@ -16,7 +18,6 @@ from lastmile.data.records import Example
 from lastmile.distributed import DistInfo
 from lastmile.hybrid_engine import HybridEngine
 from lastmile.models import hidden_size_of, load_causal_lm, load_tokenizer
-from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 

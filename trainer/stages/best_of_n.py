@@ -34,14 +34,8 @@ from lastmile.distributed import DistInfo
 from lastmile.errors import UserError
 from lastmile.hybrid_engine import HybridEngine, Sampling
 from lastmile.model_inputs import CAUSAL_LM, REWARD_MODEL, check_model_input, check_same_vocabulary
-from lastmile.models import (
-    TREE_MASK_ATTENTION,
-    ScalarRewardModel,
-    hidden_size_of,
-    load_causal_lm,
-    load_reward_backbone,
-    load_tokenizer,
-)
+from lastmile.models import (TREE_MASK_ATTENTION, ScalarRewardModel, hidden_size_of, load_causal_lm, load_reward_backbone,
+                             load_tokenizer)
 from lastmile.rollout import RolloutModels
 from lastmile.stages import common, ppo_setup, sft
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
 from lastmile import checkpoint, chunks, distributed, metrics, seeding, tracking
 from lastmile.algorithms.losses import auroc, pairwise_loss
 from lastmile.config import FAILURE_MODES, BatchPlan, Config, plan_batches
