@@ -77,7 +77,7 @@ def test_policy_samples_stopped_and_resumed_are_the_uninterrupted_samples(tmp_pa
     examples = load_split(cfg.data, cfg.data.train_split, 6)
     monkeypatch.setattr(reward_model, "POLICY_SAMPLE_CHUNK", 2)
     whole = reward_model.policy_samples(cfg, examples, ONE, tmp_path / "whole" / "policy_samples.jsonl")
-    assert [r["id"] for r in whole] == [e.id for e in examples] and any(r["prediction"] for r in whole)
+    assert len(whole) == len(examples) and any(whole)
 
     stopped = tmp_path / "stopped" / "policy_samples.jsonl"
     calls, real = [], chunks.run
@@ -99,7 +99,8 @@ def test_policy_samples_stopped_and_resumed_are_the_uninterrupted_samples(tmp_pa
     resumed = reward_model.policy_samples(cfg, examples, ONE, stopped)
     assert calls == [0, 1, 2]  # the rerun sampled the third chunk only
     assert resumed == whole
-    assert [json.loads(x) for x in stopped.read_text().splitlines()] == whole  # kept for a restarted stage
+    kept = [json.loads(x) for x in stopped.read_text().splitlines()]  # for a restarted stage
+    assert kept == [{"id": e.id, "prediction": t} for e, t in zip(examples, whole)]
     assert not stopped.with_suffix("").exists()
 
 

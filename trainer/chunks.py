@@ -53,8 +53,9 @@ def run(folder: Path, chunks: list[list[int]], work: Work, dist: DistInfo, *, de
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         world = dist.world_size
-        bar = tqdm(total=sum(map(len, chunks)), initial=sum(len(chunks[k]) for k in range(len(chunks)) if k not in todo),
-                   desc=desc, unit=unit, disable=not dist.is_main)
+        total = sum(map(len, chunks))
+        bar = tqdm(total=total, initial=total - sum(len(chunks[k]) for k in todo), desc=desc, unit=unit,
+                   disable=not dist.is_main)
         for first in range(0, len(todo), world):
             i = first + dist.rank
             k = todo[min(i, len(todo) - 1)]

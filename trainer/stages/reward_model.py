@@ -157,17 +157,17 @@ def policy_negatives(cfg: Config, examples: list[Example], dist, cache: Path) ->
     drawn once and kept in `cache`, so a resumed stage trains on the same pairs without sampling again;
     while they are drawn, each chunk of POLICY_SAMPLE_CHUNK papers is kept as soon as it is done, seeded
     by its index (`lastmile.chunks`: a kill loses one chunk, a stop signal ends the stage after one)."""
-    texts = [r["prediction"] for r in policy_samples(cfg, examples, dist, cache)]
+    texts = policy_samples(cfg, examples, dist, cache)
     scores = metrics.rouge_per_example(texts, [list(e.references) for e in examples])["rougeL"]
     return [Pair(e.id, "policy", e.summary, t) for e, t, s in zip(examples, texts, scores)
             if t.strip() and s < cfg.rm.policy_negatives_max_rougeL]
 
 
-def policy_samples(cfg: Config, examples: list[Example], dist, cache: Path) -> list[dict]:
-    """`{"id", "prediction"}` per example, in order: one sample at T = 1 from rm.policy_negatives_model."""
+def policy_samples(cfg: Config, examples: list[Example], dist, cache: Path) -> list[str]:
+    """One sample per example at T = 1 from rm.policy_negatives_model, in order (kept in `cache` as
+    `{"id", "prediction"}` lines)."""
     if cache.is_file():
-        texts = read_predictions(cache, examples)
-        return [{"id": e.id, "prediction": t} for e, t in zip(examples, texts)]
+        return read_predictions(cache, examples)
     gen = replace(cfg.eval.generation, strategy="sample", temperature=1.0, top_p=1.0)
 
     @functools.cache
@@ -185,7 +185,7 @@ def policy_samples(cfg: Config, examples: list[Example], dist, cache: Path) -> l
     folder = cache.with_suffix("")
     rows = chunks.run(folder, chunks.split(len(examples), POLICY_SAMPLE_CHUNK), work, dist, desc="policy samples")
     chunks.finish(folder, cache, rows, dist)
-    return rows
+    return [r["prediction"] for r in rows]
 
 
 def prompt_ids_by_id(examples: list[Example], builder: PromptBuilder) -> dict[str, tuple[int, ...]]:
