@@ -174,8 +174,8 @@ def test_the_readme_table_is_what_the_plan_says():
     gradient checkpointing."""
     readme = (ROOT / "README.md").read_text()
     gae = ["ppo.advantage=gae", "ppo.samples_per_prompt=1", "ppo.gradient_checkpointing=false"]
-    cfg = load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"),
-                      gae + ["ppo.prompts_per_iteration=64", "ppo.minibatch_size=64", "ppo.micro_batch_size=2"])
+    cfg = load_config(str(ROOT / "trainer" / "configs" / "demo.yaml"),  # on GPUs precision=auto (bf16), as the rows say
+                      gae + ["precision=auto", "ppo.prompts_per_iteration=64", "ppo.minibatch_size=64", "ppo.micro_batch_size=2"])
     zero2, zero3 = {"zero_optimization": {"stage": 2}}, {"zero_optimization": {"stage": 3}}
     rows = [("1b", mp.Hardware.gpus(1, 80), zero2, "| Llama-3.2-1B | 1 x 80 GB GPU | fits ({peak} GiB) |"),
             ("7b", mp.Hardware.gpus(1, 80), zero2, "| Llama-2-7B | 1 x 80 GB GPU | does not fit as configured ({peak} GiB)"),

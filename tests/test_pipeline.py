@@ -56,6 +56,8 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     history = json.loads((out / "ppo" / "history.json").read_text())
     assert [h["iteration"] for h in history["history"]] == [1, 2, 3, 4]
     assert all(h["parity/max_abs"] < 1e-3 for h in history["history"])  # fp32: generation = training forward
+    changed = [h["policy/weights_changed"] for h in history["history"]]  # fp32: every step reaches the model
+    assert all(0.99 < c <= 1.0 for c in changed), changed
 
     runs = _runs(out)
     parent = runs[runs["tags.lastmile.stage"] == "pipeline"]
@@ -240,6 +242,7 @@ def test_two_rank_zero3_ppo(tiny_pipeline, tmp_path):
     assert "generation_gather all" in proc.stderr and "world_size 2" in proc.stderr
     history = json.loads((out / "ppo" / "history.json").read_text())["history"]
     assert len(history) == 1 and all(h["parity/max_abs"] < 1e-3 for h in history)
+    assert 0.5 < history[0]["policy/weights_changed"] <= 1.0  # counted over both ranks' partitions
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "ppo" / "model")

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lastmile import checkpoint, distributed, preemption, rollout, seeding, tracking
+from lastmile import checkpoint, distributed, lora, preemption, rollout, seeding, tracking
 from lastmile.algorithms.advantages import compute_gae, greedy_baseline_advantages, group_advantages, masked_whiten
 from lastmile.algorithms.kl import KLController, kl_per_token, shape_rewards
 from lastmile.algorithms.losses import masked_sum, policy_loss, token_mean_loss, value_loss
@@ -162,6 +162,8 @@ def iterate(ctx: PPOContext, state: PPOState) -> dict[str, float] | None:
     metrics.update({"kl/coef": ctx.kl.value, "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0,
                     "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
     _check_parity(metrics, state, o.parity_bound)
+    if (changed := weights_changed(ctx.models)) is not None:
+        metrics["policy/weights_changed"] = changed
     t_log = time.perf_counter()
     state.history.append({"iteration": state.iteration, **metrics})
     if ctx.dist.is_main:
@@ -361,14 +363,40 @@ def rollout_metrics(ctx: PPOContext, b: Rollout) -> dict[str, float]:
     return out
 
 
+@torch.no_grad()
+def weights_changed(models: RolloutModels) -> float | None:
+    """The share of the actor's stored weights that differ from the reference's, its starting point (None
+    with LoRA, whose reference is the actor itself). Under bf16 an optimizer step moves a stored weight
+    only when the fp32 master weight crosses half a bf16 spacing (|w| / 256): smaller updates are kept in
+    the optimizer but the forward, the rollout and the published model do not see them. Compares this
+    rank's partitions under ZeRO-3 (actor and reference are partitioned alike); summed over ranks."""
+    if models.actor_engine is None or isinstance(models.ref, lora.AdaptersOff) or models.ref is None:
+        return None
+    changed = total = 0
+    for a, r in zip(models.actor_engine.module.parameters(), _module(models.ref).parameters(), strict=True):
+        x, y = getattr(a, "ds_tensor", a), getattr(r, "ds_tensor", r)
+        changed += int((x.data != y.data).sum())
+        total += x.numel()
+    return distributed.all_reduce_sum(float(changed)) / max(distributed.all_reduce_sum(float(total)), 1.0)
+
+
+def _module(model) -> torch.nn.Module:
+    return getattr(model, "module", model)  # a DeepSpeed engine's module, or the module itself
+
+
 def _check_parity(metrics: dict[str, float], state: PPOState, bound: float) -> None:
-    if metrics["parity/max_abs"] > bound:
-        msg = (f"iteration {state.iteration}: generation and training log-probs differ by up to "
-               f"{metrics['parity/max_abs']:.4f} (> ppo.parity_bound {bound}): the responses were sampled from a "
-               "distribution that far from the one PPO's ratio assumes")
+    """Alarm when the mean |generation - training| log-prob per response token exceeds `bound`: a
+    systematic gap (a wrong temperature, position or mask), not the rounding tail that `parity/max_abs`
+    shows under bf16."""
+    alarm = metrics["parity/mean_abs"] > bound
+    if alarm:
+        msg = (f"iteration {state.iteration}: generation and training log-probs differ by "
+               f"{metrics['parity/mean_abs']:.4f} nats per token on average (> ppo.parity_bound {bound}; largest "
+               f"{metrics['parity/max_abs']:.4f}): the responses were sampled from a distribution that far from "
+               "the one PPO's ratio assumes")
         log.warning(msg)
         state.alarms.append(msg)
-    metrics["parity/alarm"] = float(metrics["parity/max_abs"] > bound)
+    metrics["parity/alarm"] = float(alarm)
 
 
 def evaluate(ctx: PPOContext, state: PPOState) -> None:
@@ -383,6 +411,12 @@ def evaluate(ctx: PPOContext, state: PPOState) -> None:
                                 {"eval/policy/alarm": float(bool(alarms))}, step=state.iteration)
         for a in alarms:
             log.warning("alarm: %s", a)
+        changed = state.history[-1].get("policy/weights_changed") if state.history else None
+        if ctx.cfg.precision == "bf16" and changed is not None and changed < 0.5:
+            log.warning("iteration %d: %.1f%% of the actor's bf16 weights differ from the start; the rest of the "
+                        "update is below bf16's resolution (|w| / 256) and the model does not see it yet. A short "
+                        "run at this ppo.lr moves the model little: precision=fp32 trains and evaluates it in full.",
+                        state.iteration, 100 * changed)
     key = f"eval/policy/{ctx.cfg.ppo.best_metric}"
     if key in result and (state.best is None or result[key] > state.best["value"]):
         state.best = {"iteration": state.iteration, "metric": ctx.cfg.ppo.best_metric, "value": result[key]}

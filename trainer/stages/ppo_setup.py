@@ -225,7 +225,9 @@ def write_outputs(stage_dir: Path, summary: dict, tracker) -> None:
         "response length (tokens)": {"rollout": curve(hist, "rollout/response_tokens_mean")},
         "eval la-ROUGE-L / ROUGE-L": {"la_rougeL": curve(evals, "eval/policy/la_rougeL"), "rougeL": curve(evals, "eval/policy/rougeL")},
         "eval reward-model score": {"normalized": curve(evals, "eval/policy/reward")},
-        "log-prob parity": {"max |gen - train|": curve(hist, "parity/max_abs")},
+        "log-prob parity (nats/token)": {"max |gen - train|": curve(hist, "parity/max_abs"),
+                                         "mean": curve(hist, "parity/mean_abs")},
+        "actor weights changed since the start": {"share": curve(hist, "policy/weights_changed")},
     }
     plot = plot_grid(stage_dir / "curves.png", panels, title="PPO")
     for path in (stage_dir / "history.json", plot):
