@@ -10,7 +10,9 @@ mean and max |generation - training| log-prob per response token for:
 - `correct`: the forward PPO runs (logits / T);
 - `T forgotten`: a bug, the forward at T = 1 while sampling was at T;
 - `one token off`: a bug, each token compared with the training log-prob of the token after it.
-bf16 is DeepSpeed's bf16 layout (bf16 weights) under bf16 autocast, as PPO runs it. Reads
+bf16 is DeepSpeed's bf16 layout (bf16 weights) under bf16 autocast, as PPO runs it. The training
+forward here is the no-grad one PPO runs with `ppo.old_logprobs=forward` (with `update`, PPO compares
+against the update's own forward instead). Reads
 `data.dev_split` only. bf16 needs a device that computes it natively (elsewhere it is emulated, ~12x slower).
 """
 
@@ -27,6 +29,7 @@ from lastmile.data.records import load_split
 from lastmile.hybrid_engine import HybridEngine, Sampling
 from lastmile.models import TokenLogprobModel, load_causal_lm, load_tokenizer
 from lastmile.rollout import RolloutModels, response_logprobs, sample
+from lastmile.stages.ppo_setup import uses_shared_prefix
 
 
 def gaps(gen: torch.Tensor, train: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -58,14 +61,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for precision in args.precisions:
         ds = {"bf16": {"enabled": precision == "bf16"}}
-        lm, _ = load_causal_lm(cfg.model, device, seed=cfg.seed, path=args.model, ds=ds)
+        lm, attn = load_causal_lm(cfg.model, device, seed=cfg.seed, path=args.model, ds=ds)
         models = RolloutModels(actor=HybridEngine(None, lm, {}, device), actor_engine=None, ref=None, rm=None,
                                critic=None, tokenizer=tok, rm_stats={}, device=device, precision=precision,
-                               micro_batch=cfg.ppo.micro_batch_size, shared_prefix=cfg.ppo.shared_prefix)
+                               micro_batch=cfg.ppo.micro_batch_size,
+                               shared_prefix=uses_shared_prefix(cfg.ppo, attn.implementation))
         scorer = TokenLogprobModel(lm, logprob_impl=cfg.ppo.logprob_impl).eval()
         for t in args.temperatures:
             torch.manual_seed(cfg.seed)
-            r = sample(models, rows, idx, Sampling(cfg.ppo.max_new_tokens, True, t), batch_size=len(rows))
+            r = sample(models, rows, idx, Sampling(cfg.ppo.max_new_tokens, True, t, cfg.ppo.top_p), batch_size=len(rows))
             right = response_logprobs(scorer, r, models, temperature=t)
             wrong_t = response_logprobs(scorer, r, models, temperature=1.0)
             m = r.response_mask

@@ -359,17 +359,20 @@ def test_hybrid_reward_terms_hand_values():
 # ------------------------------------------------------------------------------ guards and alarms
 
 
-def test_parity_alarm_fires_on_the_mean_gap_not_on_the_rounding_tail():
+def test_parity_alarm_fires_on_a_gap_everywhere_or_on_one_token_but_not_on_bf16_rounding():
     from lastmile.stages.ppo import PPOState, _check_parity
 
     state = PPOState(iteration=3)
     rounding = {"parity/mean_abs": 0.03, "parity/max_abs": 0.48}  # bf16 at T = 0.7 (bench/logprob_parity.py)
-    _check_parity(rounding, state, bound=0.1)
+    _check_parity(rounding, state, bound=0.1, max_bound=1.0)
     assert rounding["parity/alarm"] == 0.0 and state.alarms == []
-    loud = {"parity/mean_abs": 0.2, "parity/max_abs": 1.5}
-    _check_parity(loud, state, bound=0.1)
-    assert loud["parity/alarm"] == 1.0 and len(state.alarms) == 1
-    assert "differ by 0.2000 nats per token on average (> ppo.parity_bound 0.1; largest 1.5000)" in state.alarms[0]
+    everywhere = {"parity/mean_abs": 0.37, "parity/max_abs": 0.9}  # a gap on every token
+    _check_parity(everywhere, state, bound=0.1, max_bound=1.0)
+    few = {"parity/mean_abs": 0.04, "parity/max_abs": 3.0}  # one token per response off: the mean hides it
+    _check_parity(few, state, bound=0.1, max_bound=1.0)
+    assert everywhere["parity/alarm"] == few["parity/alarm"] == 1.0 and len(state.alarms) == 2
+    assert "by 0.3700 nats per token on average and by up to 0.9000 on one token" in state.alarms[0]
+    assert "by up to 3.0000 on one token (ppo.parity_bound 0.1, ppo.parity_max_bound 1.0)" in state.alarms[1]
 
 
 def test_weights_changed_counts_what_bf16_rounding_lets_through():
@@ -401,6 +404,21 @@ def test_weights_changed_counts_what_bf16_rounding_lets_through():
             p.copy_(m.to(torch.bfloat16))
     assert weights_changed(models) == 1.0
     assert weights_changed(SimpleNamespace(actor_engine=None, ref=ref)) is None
+
+
+def test_weights_changed_reads_a_zero3_partition_without_its_padding(monkeypatch):
+    """Under ZeRO-3 each rank compares its partition (`ds_tensor`); the last one's padding is never
+    written, so it is left out: 5 elements over 2 ranks are partitions of 3, rank 1 holds 2 and a pad."""
+    import torch
+
+    from lastmile.stages.ppo import _stored
+
+    p = torch.nn.Parameter(torch.empty(0))
+    p.ds_numel, p.ds_tensor = 5, torch.tensor([1.0, 2.0, float("nan")])
+    assert _stored(p).numel() == 3  # one process, rank 0: all 3 of its elements are real
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    assert _stored(p).tolist() == [1.0, 2.0]  # rank 1: 5 - 3 = 2 real elements, the NaN pad left out
 
 
 def test_in_loop_alarms_for_kl_length_and_reward_rising_while_the_metric_falls():

@@ -36,7 +36,7 @@ SHARED = ("seed", "precision", "model", "data", "prompt")
 # Best-of-n trains with SFT's settings and scores with PPO's reward: both are part of what it learns from.
 SECTIONS = {"sft": ("sft",), "reward_model": ("rm",), "ppo": ("ppo",), "best_of_n": ("best_of_n", "sft", "ppo.reward")}
 # What a stage is evaluated on or how often it saves: not what it learns from.
-IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound", "best_of_n.in_pipeline"} | {
+IGNORED = {"data.eval_split", "data.max_eval_examples", "ppo.parity_bound", "ppo.parity_max_bound", "best_of_n.in_pipeline"} | {
     f"{s}.{k}" for s in ("sft", "rm", "ppo") for k in ("save_every", "keep_checkpoints", "log_every", "num_samples")}
 # Settings an older record may hold that have moved or gone, none of which changed what a stage
 # learned (ppo.generation_gather is now deepspeed.generation_gather: generation gives the same tokens).

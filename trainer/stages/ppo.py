@@ -161,7 +161,7 @@ def iterate(ctx: PPOContext, state: PPOState) -> dict[str, float] | None:
     metrics.update(timer.metrics())
     metrics.update({"kl/coef": ctx.kl.value, "time/rollout_s": t_rollout, "time/iteration_s": time.perf_counter() - t0,
                     "perf/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})
-    _check_parity(metrics, state, o.parity_bound)
+    _check_parity(metrics, state, o.parity_bound, o.parity_max_bound)
     if (changed := weights_changed(ctx.models)) is not None:
         metrics["policy/weights_changed"] = changed
     t_log = time.perf_counter()
@@ -367,32 +367,43 @@ def rollout_metrics(ctx: PPOContext, b: Rollout) -> dict[str, float]:
 def weights_changed(models: RolloutModels) -> float | None:
     """The share of the actor's stored weights that differ from the reference's, its starting point (None
     with LoRA, whose reference is the actor itself). Under bf16 an optimizer step moves a stored weight
-    only when the fp32 master weight crosses half a bf16 spacing (|w| / 256): smaller updates are kept in
+    only when the fp32 master weight crosses half a bf16 spacing (|w| / 512 to |w| / 256): smaller updates are kept in
     the optimizer but the forward, the rollout and the published model do not see them. Compares this
     rank's partitions under ZeRO-3 (actor and reference are partitioned alike); summed over ranks."""
     if models.actor_engine is None or isinstance(models.ref, lora.AdaptersOff) or models.ref is None:
         return None
     changed = total = 0
     for a, r in zip(models.actor_engine.module.parameters(), _module(models.ref).parameters(), strict=True):
-        x, y = getattr(a, "ds_tensor", a), getattr(r, "ds_tensor", r)
-        changed += int((x.data != y.data).sum())
+        x, y = _stored(a), _stored(r)
+        changed += int((x != y).sum())
         total += x.numel()
     return distributed.all_reduce_sum(float(changed)) / max(distributed.all_reduce_sum(float(total)), 1.0)
+
+
+def _stored(p: torch.nn.Parameter) -> torch.Tensor:
+    """The elements of `p` this rank stores: all of them, or under ZeRO-3 its partition without the
+    padding the last rank's partition carries (never written, so never compared)."""
+    part = getattr(p, "ds_tensor", None)
+    if part is None:
+        return p.data.reshape(-1)
+    start = (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) * part.numel()
+    return part.data.reshape(-1)[: max(0, min(part.numel(), p.ds_numel - start))]
 
 
 def _module(model) -> torch.nn.Module:
     return getattr(model, "module", model)  # a DeepSpeed engine's module, or the module itself
 
 
-def _check_parity(metrics: dict[str, float], state: PPOState, bound: float) -> None:
-    """Alarm when the mean |generation - training| log-prob per response token exceeds `bound`: a
-    systematic gap (a wrong temperature, position or mask), not the rounding tail that `parity/max_abs`
-    shows under bf16."""
-    alarm = metrics["parity/mean_abs"] > bound
+def _check_parity(metrics: dict[str, float], state: PPOState, bound: float, max_bound: float) -> None:
+    """Alarm when the mean |generation - training| log-prob per response token exceeds `bound` (a gap on
+    every token: a wrong temperature, position or mask), or one token's exceeds `max_bound` (a gap on a
+    few: a boundary slip); bf16 rounding stays under both (`ppo.parity_bound`, `ppo.parity_max_bound`)."""
+    mean, top = metrics["parity/mean_abs"], metrics["parity/max_abs"]
+    alarm = mean > bound or top > max_bound
     if alarm:
-        msg = (f"iteration {state.iteration}: generation and training log-probs differ by "
-               f"{metrics['parity/mean_abs']:.4f} nats per token on average (> ppo.parity_bound {bound}; largest "
-               f"{metrics['parity/max_abs']:.4f}): the responses were sampled from a distribution that far from "
+        msg = (f"iteration {state.iteration}: generation and training log-probs differ by {mean:.4f} nats per "
+               f"token on average and by up to {top:.4f} on one token (ppo.parity_bound {bound}, "
+               f"ppo.parity_max_bound {max_bound}): the responses were sampled from a distribution that far from "
                "the one PPO's ratio assumes")
         log.warning(msg)
         state.alarms.append(msg)
@@ -414,7 +425,7 @@ def evaluate(ctx: PPOContext, state: PPOState) -> None:
         changed = state.history[-1].get("policy/weights_changed") if state.history else None
         if ctx.cfg.precision == "bf16" and changed is not None and changed < 0.5:
             log.warning("iteration %d: %.1f%% of the actor's bf16 weights differ from the start; the rest of the "
-                        "update is below bf16's resolution (|w| / 256) and the model does not see it yet. A short "
+                        "update is below bf16's resolution (about |w| / 256) and the model does not see it yet. A short "
                         "run at this ppo.lr moves the model little: precision=fp32 trains and evaluates it in full.",
                         state.iteration, 100 * changed)
     key = f"eval/policy/{ctx.cfg.ppo.best_metric}"
