@@ -386,7 +386,7 @@ def _stored(p: torch.nn.Parameter) -> torch.Tensor:
     part = getattr(p, "ds_tensor", None)
     if part is None:
         return p.data.reshape(-1)
-    start = (torch.distributed.get_rank() if torch.distributed.is_initialized() else 0) * part.numel()
+    start = ppo_setup.torch_rank() * part.numel()
     return part.data.reshape(-1)[: max(0, min(part.numel(), p.ds_numel - start))]
 
 
