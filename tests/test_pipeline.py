@@ -58,6 +58,9 @@ def test_pipeline_writes_the_report_and_one_child_run_per_stage(tiny_pipeline):
     assert all(h["parity/max_abs"] < 1e-3 for h in history["history"])  # fp32: generation = training forward
     changed = [h["policy/weights_changed"] for h in history["history"]]  # fp32: every step reaches the model
     assert all(0.99 < c <= 1.0 for c in changed), changed
+    # iteration 0: the actor is the reference. In fp32 the evaluation's actor side is generation's own
+    # log-probs (no second forward), so a KL of ~0 also says they line up with the reference's forward
+    assert history["evals"][0]["iteration"] == 0 and abs(history["evals"][0]["eval/policy/kl"]) < 1e-2
 
     runs = _runs(out)
     parent = runs[runs["tags.lastmile.stage"] == "pipeline"]
