@@ -421,6 +421,39 @@ def test_weights_changed_reads_a_zero3_partition_without_its_padding(monkeypatch
     assert _stored(p).tolist() == [1.0, 2.0]  # rank 1: 5 - 3 = 2 real elements, the NaN pad left out
 
 
+def test_evaluation_warns_when_bf16_rounding_kept_most_weights_still(caplog, tmp_path):
+    """Under bf16 an in-loop evaluation after an iteration that left most stored weights unchanged warns
+    and names precision=fp32; in fp32, or once half the weights have moved, it stays quiet."""
+    import logging
+    from types import SimpleNamespace
+
+    from lastmile.stages.ppo import PPOState, evaluate
+
+    logged = []
+
+    def ctx(precision):
+        cfg = SimpleNamespace(precision=precision, ppo=SimpleNamespace(best_metric="la_rougeL"))
+        evaluator = SimpleNamespace(run=lambda it: {"iteration": it, "eval/policy/la_rougeL": 0.2},
+                                    alarms=lambda result, previous: [])
+        return SimpleNamespace(cfg=cfg, evaluator=evaluator, dist=SimpleNamespace(is_main=True),
+                               tracker=SimpleNamespace(log_metrics=lambda m, step: logged.append(step)),
+                               setup=SimpleNamespace(save_best=lambda path, best: None), stage_dir=tmp_path)
+
+    def warnings(precision, changed):
+        caplog.clear()
+        state = PPOState(iteration=4, history=[{"iteration": 4, "policy/weights_changed": changed}])
+        with caplog.at_level(logging.WARNING, logger="lastmile.stages.ppo"):
+            evaluate(ctx(precision), state)
+        assert state.best == {"iteration": 4, "metric": "la_rougeL", "value": 0.2}
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    found = warnings("bf16", 0.051)
+    assert len(found) == 1 and "5.1% of the actor's bf16 weights" in found[0] and "precision=fp32" in found[0]
+    assert warnings("bf16", 0.6) == []
+    assert warnings("fp32", 0.051) == []
+    assert logged == [4, 4, 4]  # every evaluation is logged, warning or not
+
+
 def test_in_loop_alarms_for_kl_length_and_reward_rising_while_the_metric_falls():
     from lastmile.config import PPOConfig
     from lastmile.stages.ppo_eval import find_alarms
