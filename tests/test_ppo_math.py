@@ -454,6 +454,31 @@ def test_evaluation_warns_when_bf16_rounding_kept_most_weights_still(caplog, tmp
     assert logged == [4, 4, 4]  # every evaluation is logged, warning or not
 
 
+def test_evaluation_reads_the_actor_side_of_its_kl_from_generation_only_in_fp32(monkeypatch):
+    """fp32: generation's own log-probs (a forward gives the same numbers); bf16: a forward of the actor
+    engine, like the reference's side, since cached decoding rounds differently from a forward."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lastmile import rollout
+    from lastmile.stages.ppo_eval import Evaluator
+
+    greedy = SimpleNamespace(gen_logprobs=torch.tensor([[-0.5, -1.0, 0.0]]))  # exact in float32
+    forwards = []
+
+    def forward(model, batch, models):
+        forwards.append(model)
+        return torch.tensor([[-0.25, -1.5, 0.0]])
+
+    monkeypatch.setattr(rollout, "response_logprobs", forward)
+    for precision, expected, engines in (("fp32", [[-0.5, -1.0, 0.0]], []), ("bf16", [[-0.25, -1.5, 0.0]], ["actor"])):
+        forwards.clear()
+        ev = Evaluator.__new__(Evaluator)  # only its setup's models are read
+        ev.setup = SimpleNamespace(models=SimpleNamespace(precision=precision, actor_engine="actor"))
+        assert ev.actor_logprobs(greedy).tolist() == expected and forwards == engines
+
+
 def test_in_loop_alarms_for_kl_length_and_reward_rising_while_the_metric_falls():
     from lastmile.config import PPOConfig
     from lastmile.stages.ppo_eval import find_alarms
