@@ -54,7 +54,8 @@ if [[ " $STEPS " == *" blind "* ]]; then
   for system in mle:sft best-of-n:best_of_n rl:ppo; do
     name=${system%%:*}; stage=${system#*:}
     say "blind predictions: $name ($MAIN/$stage/model)"
-    "$LASTMILE" predict --config "$CONFIG" predict.model=$MAIN/$stage/model predict.input="$BLIND" \
+    # batches of 32 as the study's evaluation (greedy: the same summaries at any batch size, faster)
+    "$LASTMILE" predict --config "$CONFIG" predict.model=$MAIN/$stage/model predict.input="$BLIND" predict.batch_size=32 \
       predict.output=runs/scitldr_v2/blind/$name.jsonl predict.postprocessed_output=runs/scitldr_v2/blind/$name+post.jsonl
   done
   mkdir -p "$OUT"
