@@ -322,3 +322,21 @@ def test_a_skipped_rollout_still_gets_its_evaluation_checkpoint_and_stop(monkeyp
     with pytest.raises(preemption.Preempted, match="stopped at iteration 3"):
         ppo.train(ctx, state)
     assert calls == [("save", 3)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_actor_starts_as_its_reference_in_the_engines_ppo_builds(dist, tmp_path, tiny_lm, tokenizer, precision):
+    """`policy/weights_changed` reads 0 before any step: the stored weights of the actor engine and of the
+    frozen reference PPO builds from one init model are equal in both precisions, so what it counts after
+    a step is the update alone."""
+    from conftest import tiny_inputs
+
+    from lastmile.stages import ppo_setup
+    from lastmile.stages.ppo import weights_changed
+
+    init, rm = tiny_inputs(tmp_path, tiny_lm, tokenizer)
+    cfg = load_config(TINY, [f"output_dir={tmp_path / 'out'}", f"ppo.init={init}", f"ppo.reward.model={rm}",
+                             "tracking.enabled=false", f"precision={precision}"])
+    models = ppo_setup.build(cfg, dist).models
+    assert next(models.actor_engine.module.parameters()).dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    assert weights_changed(models) == 0.0
