@@ -6,8 +6,8 @@
 Reads `data.dev_split` (a choice may be made on it), never the evaluation split. Greedy decoding pads
 every batch on the left to its longest prompt and runs until its last summary ends, so a larger batch
 does more wasted work per row but far fewer steps; on a CPU the weights are read once per step for the
-whole batch. Prints seconds (the model load included), words per second and the share of summaries identical to the first
-batch size's.
+whole batch. Prints seconds (the model load included), words per second and the share of summaries
+identical to the first batch size's.
 """
 
 from __future__ import annotations

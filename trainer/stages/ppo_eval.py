@@ -55,10 +55,10 @@ class Evaluator:
 
     def actor_logprobs(self, greedy: rollout.Rollout):
         """(B, R) the actor's log-probs of its greedy summaries. In fp32 these are the ones generation
-        recorded: a forward gives the same numbers (parity/mean_abs about 4e-6 nats a token,
-        bench/logprob_parity.py) and costs as much as the reference's, a sixth of an evaluation. Under
-        bf16 the cached decode rounds differently from a full forward (about 0.035 nats a
-        token), and the reference's side is a full forward, so the actor's is one too."""
+        recorded: a forward gives the same numbers (the demo's `parity/mean_abs`: about 4e-6 nats a token)
+        and costs as much as the reference's, a sixth of an evaluation. Under bf16 the cached decode
+        rounds differently from a full forward (about 0.035 nats a token, bench/logprob_parity.py), and
+        the reference's side is a full forward, so the actor's is one too."""
         m = self.setup.models
         if m.precision == "fp32":
             return greedy.gen_logprobs
