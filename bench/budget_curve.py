@@ -9,12 +9,16 @@ checkpoint. Episodes = iteration x ppo.prompts_per_iteration x ppo.samples_per_p
 config.yaml); hours = the sum of the iterations' own wall time (`time/iteration_s`: rollout and
 update, not the in-loop evaluations or checkpoint writes). Prints one markdown table per run and,
 with --plot, draws la-ROUGE-L and semantic similarity (when evaluated) against episodes.
+
+Wall time counts whatever held the process up: an iteration that took over 10x the run's median (a
+paused or starved process, not PPO's work) is named under the table with the hours it adds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,26 @@ def read_run(stage_dir: Path) -> tuple[list[dict], list[dict]]:
                          "pass a PPO stage folder (<output_dir>/ppo) that has run at least one save")
     state = json.loads(steps[-1].read_text())
     return state.get("evals", []), state.get("history", [])
+
+
+@dataclass(frozen=True)
+class SlowIterations:
+    median_s: float
+    seconds: dict[int, float]  # iteration -> wall seconds, for those over `factor` x the median
+
+    def line(self, label: str) -> str:
+        named = ", ".join(f"{it} ({t:.0f} s)" for it, t in self.seconds.items())
+        held = sum(self.seconds.values()) / 3600
+        beyond = sum(t - self.median_s for t in self.seconds.values()) / 3600
+        return (f"{label}: iterations over 10x the median wall time ({self.median_s:.1f} s): {named}; "
+                f"they hold {held:.2f} h of the hours column, {beyond:.2f} h beyond the median")
+
+
+def slow_iterations(history: list[dict], factor: float = 10.0) -> SlowIterations:
+    """The iterations whose wall time is over `factor` x the run's median (a paused or starved process)."""
+    times = {int(h["iteration"]): float(h.get("time/iteration_s", 0.0)) for h in history}
+    median = statistics.median(times.values()) if times else 0.0
+    return SlowIterations(median, {it: t for it, t in sorted(times.items()) if t > factor * median})
 
 
 def curve(stage_dir: Path) -> list[Point]:
@@ -91,15 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", nargs="+", help="PPO stage folder, optionally followed by :label")
     ap.add_argument("--plot", type=Path, help="write the figure here (PNG)")
     args = ap.parse_args(argv)
-    curves = {}
+    curves, slow = {}, {}
     for spec in args.runs:
         folder, _, label = spec.partition(":")
         stage_dir = Path(folder)
         if not (stage_dir / "config.yaml").is_file():
             raise SystemExit(f"{stage_dir}: no config.yaml; pass a PPO stage folder such as runs/demo/ppo")
         curves[label or folder] = curve(stage_dir)
+        slow[label or folder] = slow_iterations(read_run(stage_dir)[1])
     for label, pts in curves.items():
-        print(table(label, pts) + "\n")
+        print(table(label, pts))
+        if slow[label].seconds:
+            print("\n" + slow[label].line(label))
+        print()
     if args.plot:
         plot(args.plot, curves)
         print(f"plot: {args.plot}")

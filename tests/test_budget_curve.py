@@ -63,3 +63,18 @@ def test_not_a_ppo_folder_is_one_clear_message(tmp_path):
     (tmp_path / "config.yaml").write_text("ppo: {prompts_per_iteration: 1, samples_per_prompt: 1}\n")
     with pytest.raises(SystemExit, match="neither history.json nor a checkpoint"):
         budget_curve.curve(tmp_path)
+
+
+def test_iterations_held_up_far_beyond_the_median_are_named_with_their_hours(tmp_path, capsys):
+    stage = tmp_path / "ppo"
+    stage.mkdir()
+    (stage / "config.yaml").write_text(yaml.safe_dump({"ppo": {"prompts_per_iteration": 4, "samples_per_prompt": 4}}))
+    times = {1: 30.0, 2: 700.0, 3: 28.0, 4: 31.0, 5: 250.0}  # 2 paused (23x the median 31 s); 5 only 8x
+    history = [{"iteration": i, "time/iteration_s": t} for i, t in times.items()]
+    (stage / "history.json").write_text(json.dumps({"evals": [_eval(0, 0.2), _eval(5, 0.21)], "history": history}))
+    assert budget_curve.slow_iterations(history).seconds == {2: 700.0}
+    assert budget_curve.main([f"{stage}:RLOO"]) == 0
+    # 700 s = 0.19 h, of which 700 - 31 = 669 s = 0.19 h beyond the median
+    assert ("RLOO: iterations over 10x the median wall time (31.0 s): 2 (700 s); "
+            "they hold 0.19 h of the hours column, 0.19 h beyond the median") in capsys.readouterr().out
+    assert budget_curve.slow_iterations([]).seconds == {}
