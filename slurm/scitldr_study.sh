@@ -56,8 +56,8 @@ if [[ " $STEPS " == *" ablations "* ]]; then
   arm rm_only $FROM_MAIN ppo.reward.metric=none
   # shellcheck disable=SC2086
   arm no_length $FROM_MAIN ppo.reward.length_penalty=0
-  # shellcheck disable=SC2086
-  arm grpo $FROM_MAIN ppo.advantage=grpo ppo.prompts_per_iteration=4 ppo.samples_per_prompt=4
+  # shellcheck disable=SC2086  # whitened, as every estimator was when the arm ran (rloo and grpo are not by default since 2026-12-06)
+  arm grpo $FROM_MAIN ppo.advantage=grpo ppo.prompts_per_iteration=4 ppo.samples_per_prompt=4 ppo.whiten_advantages=true
   say "ablation no_policy_negs: reward model without policy negatives"
   "$LASTMILE" reward-model --config "$CONFIG" output_dir=$ABL/no_policy_negs "$TRACK" rm.init=$MAIN/sft/model \
     rm.policy_negatives_model=null
