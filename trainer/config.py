@@ -602,7 +602,8 @@ class Config:
     """`bf16`: DeepSpeed's bf16 for every trained model (bf16 weights and gradients, fp32 master weights
     and AdamW moments in the optimizer), frozen models (reference, reward model) loaded in bf16, forward
     passes under bf16 autocast; published models are saved in bf16. `fp32`: fp32 throughout. `auto`: bf16
-    where the device computes it natively (CUDA with bf16; a CPU with AVX-512 BF16 or AMX), else fp32:
+    where the device supports it (CUDA with bf16; a CPU where torch reports oneDNN bf16 support, which
+    needs AVX-512 BW, VL and DQ), else fp32:
     emulated bf16 on an AVX2-only CPU was 12x slower than fp32. A training stage resolves `auto` when it
     starts, into `<stage>/precision.json`: resumed from its checkpoints on another machine, it goes on in
     that precision."""
