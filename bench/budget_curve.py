@@ -1,6 +1,6 @@
 """The budget curve: PPO's greedy dev metrics against episodes and hours, for one or more PPO runs.
 
-    python bench/budget_curve.py runs/scitldr_v2/ppo:"RLOO, T = 0.7" runs/scitldr_v2-t1/ppo:"RLOO, T = 1" \
+    python bench/budget_curve.py runs/scitldr_v2/ppo:"ReMax, T = 0.7" runs/scitldr_v2-t1/ppo:"ReMax, T = 1" \
         --plot docs/img/scitldr-v2-budget.png
 
 A RUN is a PPO stage folder (`<output_dir>/ppo`), optionally `:label`. Its in-loop evaluations come from

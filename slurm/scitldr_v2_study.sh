@@ -7,7 +7,7 @@
 #   STUDY_STEPS="main" bash slurm/scitldr_v2_study.sh        # only the pipeline and its report
 #
 # 1. main: `lastmile pipeline` on trainer/configs/scitldr_v2.yaml: SFT, reward model, best-of-n,
-#    PPO (RLOO, 4 x 4, T = 0.7, 10,080 episodes, the dev curve every 1,008), and the report on the
+#    PPO (ReMax, 4 x 4, T = 0.7, 10,080 episodes, the dev curve every 1,008), and the report on the
 #    310 papers of train@holdout (untuned, MLE, best-of-n, RL, each raw and post-processed).
 # 2. t1: the same PPO at T = 1 (the v1 study's rollout temperature), 1,008 episodes, on the main run's
 #    SFT and reward models: the other point of the budget curve's temperature comparison (dev only).
