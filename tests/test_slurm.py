@@ -30,7 +30,7 @@ def _sbatch(env, out, *args, stages=None):
 
 
 def _job(env, job_id):
-    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, check=False).stdout
     return dict(re.findall(r"(\w+)=(\S+)", out))
 
 
@@ -45,7 +45,10 @@ def _wait(env, job_id, *, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", 
         if condition is None and info.get("JobState") in until:
             return info
         time.sleep(1)
-    raise AssertionError(f"job {job_id} still {_job(env, job_id).get('JobState')} after {timeout} s")
+    info = _job(env, job_id)
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %E"], env=env, capture_output=True, text=True, check=False).stdout
+    raise AssertionError(f"job {job_id} still {info.get('JobState')} (reason {info.get('Reason')}) after {timeout} s; "
+                         f"nodes: {nodes.strip()}")
 
 
 def test_sbatch_runs_the_tiny_pipeline_with_two_tasks(slurm_env, tmp_path):

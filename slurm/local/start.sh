@@ -3,7 +3,8 @@
 # Installs Debian's slurm-wlm and munge when missing. State lives under $LASTMILE_SLURM_PREFIX.
 # LASTMILE_SLURM_NODES=2 starts two slurmd on this host, nodes n1 and n2 (own ports, spool, logs), so
 # that `sbatch --nodes=2` runs a real two-node job; the default is one node named after the host.
-# Idempotent: a second call only checks health. Stop it with slurm/local/stop.sh.
+# Idempotent: a second call only checks health. A controller that is not running starts clean, with no
+# jobs from a cluster that was killed (machine lost mid-job). Stop it with slurm/local/stop.sh.
 # Container-friendly: proctrack/linuxproc, task/none (no cgroups); a short cred_expire so that a
 # requeued job restarts in ~15 s instead of ~2.5 min (../shared/slurm/README.md lists the traps).
 set -euo pipefail
@@ -75,7 +76,9 @@ $NODELINES
 PartitionName=debug Nodes=$NAMES Default=YES MaxTime=INFINITE State=UP
 CONF
 export SLURM_CONF="$PREFIX/etc/slurm.conf"
-alive "$PREFIX/run/slurmctld.pid" || slurmctld -i -f "$SLURM_CONF"
+# A controller that is not running starts clean (-c): the state a killed cluster left under $PREFIX (a
+# machine or session stopped mid-job) would otherwise recover its jobs as RUNNING and hold the node forever.
+alive "$PREFIX/run/slurmctld.pid" || slurmctld -c -f "$SLURM_CONF"
 for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
 for n in ${NAMES//,/ }; do
   pidfile="$PREFIX/run/slurmd${PER_NODE:+-$n}.pid"
