@@ -832,7 +832,7 @@ def validate(cfg: Config) -> list[str]:
             "Point it at a folder holding train.jsonl/validation.jsonl, or use hub:<dataset name>."
         )
     try:
-        resolve_ds_config_path(cfg.deepspeed.config)
+        read_ds_config(cfg.deepspeed.config)
     except ConfigError as e:
         p.append(str(e))
     return p
@@ -963,6 +963,22 @@ def resolve_ds_config_path(name: str) -> Path:
             return c
     shipped = ", ".join(sorted(x.stem for x in DS_CONFIGS.glob("*.json")))
     raise ConfigError(f"deepspeed.config ({name}) does not exist. Use a JSON path or one of: {shipped}.")
+
+
+def read_ds_config(name: str) -> dict[str, Any]:
+    """The DeepSpeed JSON `name` names (see resolve_ds_config_path), refused unless it is an object of
+    settings; read by validation, before any model loads, and again by the engines."""
+    import json
+
+    path = resolve_ds_config_path(name)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config ({path}) is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("zero_optimization", {}), dict):
+        raise ConfigError(f"deepspeed.config ({path}) must be a JSON object of DeepSpeed settings (with "
+                          f"\"zero_optimization\" an object), not a {type(raw).__name__}. Start from ds_configs/zero2.json.")
+    return raw
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -7,7 +7,6 @@ trainer/main.py ...`, under `torchrun --nproc_per_node N`, and under `srun`: glo
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
@@ -17,7 +16,8 @@ from typing import Any
 
 import torch
 
-from lastmile.config import BatchPlan, OptimSettings, plan_batches, resolve_ds_config_path
+from lastmile.config import BatchPlan, OptimSettings, plan_batches
+from lastmile.config import read_ds_config as load_ds_config  # noqa: F401  (distributed.load_ds_config, as callers know it)
 from lastmile.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -109,18 +109,6 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- ds config
-
-
-def load_ds_config(name: str) -> dict[str, Any]:
-    path = resolve_ds_config_path(name)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed.config ({path}) is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("zero_optimization", {}), dict):
-        raise ConfigError(f"deepspeed.config ({path}) must be a JSON object of DeepSpeed settings (with "
-                          "\"zero_optimization\" an object), not a {type(raw).__name__}. Start from ds_configs/zero2.json.")
-    return raw
 
 
 def fill_ds_config(raw: dict[str, Any], plan: BatchPlan, *, max_grad_norm: float, hidden_size: int,

@@ -149,6 +149,23 @@ def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = S
     return removed
 
 
+def build_cpu_ops() -> str | None:
+    """Build DeepSpeed's CPU shared-memory allreduce op, which `init_distributed` otherwise JIT-compiles
+    on first use (1-2 minutes on 2 cores, with no progress shown), into torch's extension cache for this
+    environment. `make install` calls it. Returns the op's name, or None where the accelerator is not the
+    CPU or the op does not apply (nothing is built)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    clear_stale_build_locks()
+    accelerator = get_accelerator()
+    builder = accelerator.create_op_builder("ShareMemCommBuilder")
+    if accelerator.device_name() != "cpu" or builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
+        return None
+    builder.load()
+    return builder.absolute_name()
+
+
 def lock_output_dir(cfg: Config) -> None:
     """Rank 0 holds an exclusive lock on <output_dir>/.lastmile.lock until it exits."""
     # before torch.distributed starts: RANK (deepspeed, torchrun) or SLURM_PROCID (srun) says which rank we are
