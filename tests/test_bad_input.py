@@ -419,6 +419,25 @@ def test_stale_torch_extension_build_lock_is_removed(tmp_path):
     assert clear_stale_build_locks(tmp_path / "absent") == []
 
 
+def test_ops_are_built_with_the_environments_ninja_whatever_path_a_run_has(monkeypatch):
+    """torch builds DeepSpeed's CPU op with the first `ninja` on PATH and rebuilds it (1-2 min) when another
+    ninja version recorded the last build: a run without the venv activated must still use the venv's one,
+    the one `make install` built it with."""
+    import os
+    import sys
+
+    from lastmile.preflight import use_environment_ninja
+
+    bin_dir = str(Path(sys.executable).parent)
+    if not (Path(bin_dir) / "ninja").is_file():
+        pytest.skip("this environment has no ninja of its own")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    use_environment_ninja()
+    assert os.environ["PATH"] == os.pathsep.join([bin_dir, "/usr/bin", "/bin"])
+    use_environment_ninja()  # already first: unchanged
+    assert os.environ["PATH"] == os.pathsep.join([bin_dir, "/usr/bin", "/bin"])
+
+
 def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):
     """Every rank checks that output_dir is writable as it starts, on the same filesystem at the same
     moment. With one shared probe name, one rank's cleanup removed the other's probe and a 2-rank Slurm

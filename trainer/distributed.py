@@ -64,6 +64,9 @@ def setup() -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     import deepspeed
 
+    from lastmile.preflight import use_environment_ninja
+
+    use_environment_ninja()  # the ninja `make install` built DeepSpeed's CPU op with, so it is not built again
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -149,6 +149,19 @@ def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = S
     return removed
 
 
+def use_environment_ninja() -> None:
+    """Put this environment's `ninja` (the PyPI package DeepSpeed installs) first on PATH, as activating
+    the venv does. torch builds ops with the first `ninja` on PATH and records each build in the op's
+    cache; a run that finds another ninja version (the system's, when the venv is not activated) builds
+    the op again, 1-2 minutes on 2 cores, and so does the next run with the first one."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    path = os.environ.get("PATH", "")
+    if (bin_dir / "ninja").is_file() and path.split(os.pathsep)[0] != str(bin_dir):
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), path]) if path else str(bin_dir)
+
+
 def build_cpu_ops() -> str | None:
     """Build DeepSpeed's CPU shared-memory allreduce op, which `init_distributed` otherwise JIT-compiles
     on first use (1-2 minutes on 2 cores, with no progress shown), into torch's extension cache for this
@@ -158,6 +171,7 @@ def build_cpu_ops() -> str | None:
     from deepspeed.accelerator import get_accelerator
 
     clear_stale_build_locks()
+    use_environment_ninja()
     accelerator = get_accelerator()
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
     if accelerator.device_name() != "cpu" or builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
