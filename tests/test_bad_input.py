@@ -43,6 +43,12 @@ def _ds_json(tmp: Path, text: str) -> Path:
     return p
 
 
+def _latin1_json(tmp: Path) -> Path:
+    p = tmp / "ds.json"
+    p.write_bytes('{"comment": "caf\u00e9"}'.encode("latin-1"))
+    return p
+
+
 def _preds(tmp: Path, rows) -> Path:
     return _jsonl(tmp / "preds.jsonl", rows)
 
@@ -82,7 +88,11 @@ CASES = [
     ("ppo-splits", "ppo", lambda t: ["data.dev_split=test"], "data.dev_split (test) overlaps data.eval_split (test)."),
     # deepspeed JSON
     ("ds-missing", "sft", lambda t: ["deepspeed.config=nope"], "deepspeed.config (nope) does not exist."),
-    ("ds-list", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '[1, 2]')}"], "must be a JSON object of DeepSpeed settings"),
+    ("ds-list", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '[1, 2]')}"],
+     "must be a JSON object of DeepSpeed settings, not an array."),
+    ("ds-zero-not-object", "sft", lambda t: [f"deepspeed.config={_ds_json(t, json.dumps({'zero_optimization': 3}))}"],
+     '"zero_optimization" must be an object, not a number.'),
+    ("ds-not-utf8", "sft", lambda t: [f"deepspeed.config={_latin1_json(t)}"], "is not valid JSON"),
     ("ds-invalid", "sft", lambda t: [f"deepspeed.config={_ds_json(t, '{nope')}"], "is not valid JSON"),
     ("ds-contradiction", "sft", lambda t: [f"deepspeed.config={_ds_json(t, json.dumps({'train_batch_size': 3}))}"],
      "train_batch_size (3) in the DeepSpeed JSON contradicts our config (8)."),
@@ -419,23 +429,28 @@ def test_stale_torch_extension_build_lock_is_removed(tmp_path):
     assert clear_stale_build_locks(tmp_path / "absent") == []
 
 
-def test_ops_are_built_with_the_environments_ninja_whatever_path_a_run_has(monkeypatch):
-    """torch builds DeepSpeed's CPU op with the first `ninja` on PATH and rebuilds it (1-2 min) when another
-    ninja version recorded the last build: a run without the venv activated must still use the venv's one,
-    the one `make install` built it with."""
+def test_ops_are_built_with_the_environments_ninja_into_its_own_cache_whatever_path_a_run_has(monkeypatch):
+    """torch builds DeepSpeed's CPU op with the first `ninja` on PATH, in TORCH_EXTENSIONS_DIR, and builds it
+    again (1-2 min) when another ninja version or another environment's sources made the last build there:
+    a run without the venv activated must use the venv's ninja and cache, those `make install` built it with."""
     import os
     import sys
 
-    from lastmile.preflight import use_environment_ninja
+    from lastmile.preflight import use_environment_build_tools
 
     bin_dir = str(Path(sys.executable).parent)
-    if not (Path(bin_dir) / "ninja").is_file():
-        pytest.skip("this environment has no ninja of its own")
+    if not (Path(bin_dir) / "ninja").is_file() or sys.prefix == sys.base_prefix:
+        pytest.skip("not a venv with a ninja of its own")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    use_environment_ninja()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    use_environment_build_tools()
     assert os.environ["PATH"] == os.pathsep.join([bin_dir, "/usr/bin", "/bin"])
-    use_environment_ninja()  # already first: unchanged
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(Path(sys.prefix) / "torch_extensions")
+    use_environment_build_tools()  # idempotent
     assert os.environ["PATH"] == os.pathsep.join([bin_dir, "/usr/bin", "/bin"])
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # a user's own choice is kept
+    use_environment_build_tools()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/elsewhere"
 
 
 def test_ranks_probing_one_output_dir_at_once_do_not_trip_each_other(tmp_path):

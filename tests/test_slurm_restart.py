@@ -16,19 +16,27 @@ pytestmark = pytest.mark.slurm
 PREFIX = "/tmp/lastmile-slurm-restart"
 
 
+def _of_this_cluster(prefix: str) -> list[int]:
+    """PIDs whose environment names this cluster's slurm.conf: its slurmstepd and the jobs' processes
+    (never another cluster's on the same host)."""
+    mark = f"SLURM_CONF={prefix}/etc/slurm.conf".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def _kill_hard(prefix: str) -> None:
-    """SIGKILL the daemons and the job's steps, leaving PID files and saved state behind, as a lost machine does."""
-    pids = [int(p.read_text()) for p in Path(prefix, "run").glob("*.pid") if p.read_text().strip()]
-    for pid in pids:
+    """SIGKILL the daemons and the job's processes, leaving PID files and saved state behind, as a lost
+    machine does."""
+    daemons = [int(p.read_text()) for p in Path(prefix, "run").glob("*.pid") if p.read_text().strip()]
+    for pid in set(daemons + _of_this_cluster(prefix)) - {os.getpid()}:
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    # the job's own processes: slurmstepd, and the batch script with its children (a process group of its own)
-    steps = subprocess.run(["pgrep", "-f", f"slurmstepd|{prefix}/spool/"], capture_output=True, text=True, check=False).stdout
-    for pid in map(int, steps.split()):
-        try:
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
         except ProcessLookupError:
             pass
 
@@ -42,7 +50,8 @@ def test_a_cluster_killed_mid_job_starts_again_with_a_free_node(tmp_path):
         _kill_hard(PREFIX)
 
         restart = subprocess.run(["bash", str(ROOT / "slurm/local/start.sh")], capture_output=True, text=True,
-                                 timeout=300, check=False, env={**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX})
+                                 timeout=300, check=False,
+                                 env={**os.environ, "LASTMILE_SLURM_PREFIX": PREFIX, "LASTMILE_SLURM_NODES": "1"})
         assert restart.returncode == 0, restart.stderr[-2000:]
         assert _job(env, sleeper_id).get("JobState") is None, "the dead cluster's job came back"
 

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "predict":  # predict writes predict.output only: no output_dir, no tracking
             preflight.check(cfg, args.command)
             preflight.lock_output_dir(cfg)
+        preflight.use_environment_build_tools()
         preflight.clear_stale_build_locks()
         if args.command == "sft":
             from lastmile.stages import sft

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
@@ -965,19 +966,28 @@ def resolve_ds_config_path(name: str) -> Path:
     raise ConfigError(f"deepspeed.config ({name}) does not exist. Use a JSON path or one of: {shipped}.")
 
 
+JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "a boolean", type(None): "null"}
+
+
 def read_ds_config(name: str) -> dict[str, Any]:
     """The DeepSpeed JSON `name` names (see resolve_ds_config_path), refused unless it is an object of
     settings; read by validation, before any model loads, and again by the engines."""
-    import json
-
     path = resolve_ds_config_path(name)
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"deepspeed.config ({path}) is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("zero_optimization", {}), dict):
-        raise ConfigError(f"deepspeed.config ({path}) must be a JSON object of DeepSpeed settings (with "
-                          f"\"zero_optimization\" an object), not a {type(raw).__name__}. Start from ds_configs/zero2.json.")
+    except OSError as e:
+        raise ConfigError(f"deepspeed.config ({path}) cannot be read: {e.strerror}.") from None
+    fix = "Start from ds_configs/zero2.json."
+    if not isinstance(raw, dict):
+        raise ConfigError(f"deepspeed.config ({path}) must be a JSON object of DeepSpeed settings, not "
+                          f"{JSON_TYPES.get(type(raw), type(raw).__name__)}. {fix}")
+    zero = raw.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"deepspeed.config ({path}): \"zero_optimization\" must be an object, not "
+                          f"{JSON_TYPES.get(type(zero), type(zero).__name__)}. {fix}")
     return raw
 
 

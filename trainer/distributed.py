@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from lastmile.config import BatchPlan, OptimSettings, plan_batches
-from lastmile.config import read_ds_config as load_ds_config  # noqa: F401  (distributed.load_ds_config, as callers know it)
+from lastmile.config import read_ds_config as load_ds_config  # distributed.load_ds_config, as callers know it
 from lastmile.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ def setup() -> DistInfo:
     os.environ.setdefault("MASTER_PORT", "29500")
     import deepspeed
 
-    from lastmile.preflight import use_environment_ninja
+    from lastmile.preflight import use_environment_build_tools
 
-    use_environment_ninja()  # the ninja `make install` built DeepSpeed's CPU op with, so it is not built again
+    use_environment_build_tools()  # where and how `make install` built DeepSpeed's CPU op: not built again
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -283,7 +283,7 @@ def print_memory_plan(cfg: Config, args) -> int:
     """`lastmile plan`: the run plan (refused as `validate` refuses it), then memory per rank and time per
     step of each stage on the given hardware, the verdict and what would make it fit."""
     from lastmile import memory_plan as mp
-    from lastmile.distributed import load_ds_config
+    from lastmile.config import read_ds_config as load_ds_config
 
     if args.shape and args.shape.lower() not in mp.SHAPES:
         raise ConfigError(f"--shape ({args.shape}) is not a known shape. Use one of: {', '.join(mp.SHAPES)}, or "

@@ -149,32 +149,43 @@ def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = S
     return removed
 
 
-def use_environment_ninja() -> None:
-    """Put this environment's `ninja` (the PyPI package DeepSpeed installs) first on PATH, as activating
-    the venv does. torch builds ops with the first `ninja` on PATH and records each build in the op's
-    cache; a run that finds another ninja version (the system's, when the venv is not activated) builds
-    the op again, 1-2 minutes on 2 cores, and so does the next run with the first one."""
+def use_environment_build_tools() -> None:
+    """Build torch extensions (DeepSpeed's CPU ops) with this environment's tools, into its own cache, as
+    `make install` did; idempotent. torch builds an op with the first `ninja` on PATH, in
+    TORCH_EXTENSIONS_DIR (default `~/.cache/torch_extensions`, shared by every environment), and builds it
+    again, 1-2 minutes on 2 cores, whenever the last build there was made with another ninja version (the
+    system's, when the venv is not activated) or from another environment's sources. So: this
+    environment's `ninja` (the PyPI package DeepSpeed installs) first on PATH, as activating the venv
+    does, and, in a venv, `<venv>/torch_extensions` unless TORCH_EXTENSIONS_DIR is set."""
     import sys
 
     bin_dir = Path(sys.executable).parent
-    path = os.environ.get("PATH", "")
+    path = os.environ.get("PATH", os.defpath)
     if (bin_dir / "ninja").is_file() and path.split(os.pathsep)[0] != str(bin_dir):
-        os.environ["PATH"] = os.pathsep.join([str(bin_dir), path]) if path else str(bin_dir)
+        os.environ["PATH"] = os.pathsep.join([str(bin_dir), path])
+    if sys.prefix != sys.base_prefix:
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 def build_cpu_ops() -> str | None:
     """Build DeepSpeed's CPU shared-memory allreduce op, which `init_distributed` otherwise JIT-compiles
-    on first use (1-2 minutes on 2 cores, with no progress shown), into torch's extension cache for this
-    environment. `make install` calls it. Returns the op's name, or None where the accelerator is not the
-    CPU or the op does not apply (nothing is built)."""
+    on first use (1-2 minutes on 2 cores, with no progress shown), into this environment's extension
+    cache (use_environment_build_tools). `make install` calls it. Returns the op's name, or None where
+    the accelerator is not the CPU or the op does not apply (nothing is built)."""
     import deepspeed.ops
+    import torch
+
+    if not torch.cuda.is_available():  # as distributed.setup decides
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.accelerator import get_accelerator
 
+    use_environment_build_tools()
     clear_stale_build_locks()
-    use_environment_ninja()
     accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        return None
     builder = accelerator.create_op_builder("ShareMemCommBuilder")
-    if accelerator.device_name() != "cpu" or builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME):
         return None
     builder.load()
     return builder.absolute_name()
