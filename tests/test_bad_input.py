@@ -427,6 +427,12 @@ def test_stale_torch_extension_build_lock_is_removed(tmp_path):
     assert clear_stale_build_locks(tmp_path, older_than_s=600) == [stale]
     assert not stale.exists() and fresh.exists()
     assert clear_stale_build_locks(tmp_path / "absent") == []
+    # the layout where TORCH_EXTENSIONS_DIR is set (what make install and runs use): no python/cpu folder
+    own = tmp_path / "venv_cache"
+    (own / "deepspeed_shm_comm").mkdir(parents=True)
+    (own / "deepspeed_shm_comm" / "lock").touch()
+    os.utime(own / "deepspeed_shm_comm" / "lock", (old, old))
+    assert clear_stale_build_locks(own, older_than_s=600) == [own / "deepspeed_shm_comm" / "lock"]
 
 
 def test_ops_are_built_with_the_environments_ninja_into_its_own_cache_whatever_path_a_run_has(monkeypatch):

@@ -122,7 +122,8 @@ STALE_BUILD_LOCK_S = 600  # DeepSpeed's CPU ops build in about 30 s here
 
 
 def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = STALE_BUILD_LOCK_S) -> list[Path]:
-    """Remove torch extension build locks (`<TORCH_EXTENSIONS_DIR>/*/<op>/lock`) left by a process killed
+    """Remove torch extension build locks (`<TORCH_EXTENSIONS_DIR>/<op>/lock`, or
+    `~/.cache/torch_extensions/py311_cpu/<op>/lock` where it is unset) left by a process killed
     while building an op (DeepSpeed builds its CPU ops on first use). torch waits on such a lock
     forever, with no message. A lock younger than `older_than_s` may belong to a build in progress and
     is left alone. Returns the removed paths (each logged)."""
@@ -132,7 +133,8 @@ def clear_stale_build_locks(root: Path | None = None, *, older_than_s: float = S
     root = root or Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     removed = []
     log = logging.getLogger(__name__)
-    for lock in root.glob("*/*/lock") if root.is_dir() else []:
+    # <dir>/<op>/lock where TORCH_EXTENSIONS_DIR is set; <dir>/py311_cpu/<op>/lock in torch's default root
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")] if root.is_dir() else []:
         try:
             age = time.time() - lock.stat().st_mtime
             if age <= older_than_s:
